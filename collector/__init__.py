@@ -1,0 +1,1 @@
+"""The logferry collector: receives, stores, serves and dispatches."""

@@ -1,0 +1,137 @@
+"""The collector's aiohttp application: the composition root.
+
+``create_app`` wires storage, token checking, ingest and every feature; tests
+call it directly. Resources open and close in ``cleanup_ctx`` (one per
+resource) and background tasks are cancelled and awaited on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from agent.redact import Redactor
+from collector import appkeys
+from collector.auth import TokenService, parse_networks, usage_flusher
+from collector.config import CollectorConfig
+from collector.errors import error_middleware, json_error
+from collector.events import EventBus
+from collector.ingest import LogWriter, RetentionPolicy, handle_ingest
+from collector.metrics import Metrics
+from collector.schema import migrate
+from collector.storage import Storage, open_storage
+
+log = logging.getLogger("logferry.collector")
+
+# Modules whose ``setup(app)`` adds a feature, in this order (services that
+# others use come first; pipelines last, since their steps use the services).
+FEATURES: tuple[str, ...] = (
+    "collector.logs_api",
+    "collector.tokens_api",
+)
+
+# Email attachments may total 25 MB, which is about 34 MB as base64 JSON.
+MAX_REQUEST_BODY = 40 * 1024 * 1024
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[appkeys.CONFIG]
+    owned = appkeys.STORAGE not in app
+    if owned:
+        loop = asyncio.get_running_loop()
+        storage = await loop.run_in_executor(
+            None, lambda: open_storage(config.storage.dsn, config.storage.database,
+                                       query_timeout=config.storage.query_timeout))
+        app[appkeys.STORAGE] = storage
+    storage = app[appkeys.STORAGE]
+    applied = await storage.run(migrate, storage)
+    if applied:
+        log.info("schema migrated", extra={"applied": [m.version for m in applied]})
+    yield
+    if owned:
+        await asyncio.get_running_loop().run_in_executor(None, storage.close)
+
+
+async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    service = TokenService(app[appkeys.STORAGE], app[appkeys.CONFIG].secret_key)
+    await service.load()
+    app[appkeys.TOKENS] = service
+    task = asyncio.get_running_loop().create_task(usage_flusher(service), name="token-usage")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    await service.storage.run(service.flush_usage_sync)
+
+
+async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    writer = LogWriter(app[appkeys.STORAGE], app[appkeys.CONFIG].ingest)
+    writer.start()
+    app[appkeys.LOG_WRITER] = writer
+    metrics = app[appkeys.METRICS]
+    metrics.gauge("logferry_ingest_pending_rows", lambda: writer.logs.pending_rows)
+    yield
+    await writer.stop()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    app[appkeys.HTTP] = session
+    yield
+    await session.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[appkeys.STORAGE].ping():
+        return web.json_response({"status": "ready"})
+    return json_error(503, "storage_unavailable", "storage is not reachable")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    app = request.app
+    if app[appkeys.CONFIG].metrics_require_token:
+        from collector.auth import AuthError, bearer, client_ip
+
+        token = bearer(request)
+        if token is None:
+            raise AuthError(401)
+        principal = await app[appkeys.TOKENS].verify(token, client_ip(request, app[appkeys.TRUSTED_PROXIES]))
+        if principal.kind != "admin":
+            raise AuthError(403, "forbidden")
+    return web.Response(text=app[appkeys.METRICS].render(), content_type="text/plain")
+
+
+def create_app(config: CollectorConfig, *, storage: Storage | None = None) -> web.Application:
+    """The collector application. With ``storage`` given (tests), the caller
+    owns it; otherwise it is opened from ``config.storage`` and closed on exit."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_REQUEST_BODY)
+    app[appkeys.CONFIG] = config
+    if storage is not None:
+        app[appkeys.STORAGE] = storage
+    app[appkeys.EVENTS] = EventBus()
+    app[appkeys.METRICS] = Metrics()
+    app[appkeys.REDACTOR] = Redactor.from_config(config.redact)
+    app[appkeys.RETENTION] = RetentionPolicy(config)
+    app[appkeys.TRUSTED_PROXIES] = parse_networks(config.trusted_proxies)
+    app.cleanup_ctx.append(_storage_ctx)
+    app.cleanup_ctx.append(_http_ctx)
+    app.cleanup_ctx.append(_tokens_ctx)
+    app.cleanup_ctx.append(_writer_ctx)
+    app.router.add_post("/v1/ingest", handle_ingest)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    for name in FEATURES:
+        importlib.import_module(name).setup(app)
+    return app

@@ -1,0 +1,53 @@
+"""A small in-process publish/subscribe between the collector's parts.
+
+Publishers (ingest, contact forms, email webhooks, notifications) never wait
+for subscribers: a subscriber's callback must only enqueue (pipelines run off
+the ingest path). A failing subscriber is logged and counted, never raised
+into the publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger("logferry.collector.events")
+
+Subscriber = Callable[[Sequence[Mapping[str, Any]]], None]
+
+# Event kinds, matching pipeline triggers (`on:`).
+LOG = "log"
+CONTACT_FORM = "contact_form"
+EMAIL_EVENT = "email_event"
+NOTIFICATION_EVENT = "notification_event"
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
+        self.failures = 0
+
+    def subscribe(self, kind: str, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(events)`` for every publish of ``kind``; returns an unsubscribe function."""
+        self._subscribers[kind].append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers[kind]:
+                self._subscribers[kind].remove(callback)
+
+        return unsubscribe
+
+    def publish(self, kind: str, events: Sequence[Mapping[str, Any]]) -> None:
+        if not events:
+            return
+        for callback in list(self._subscribers.get(kind, ())):
+            try:
+                callback(events)
+            except Exception:
+                self.failures += 1
+                log.exception("event subscriber failed", extra={"kind": kind})
+
+    def has_subscribers(self, kind: str) -> bool:
+        return bool(self._subscribers.get(kind))

@@ -1,0 +1,425 @@
+"""``POST /v1/ingest``: decode, validate, redact, store, acknowledge.
+
+Rows from all requests are coalesced per table and written at most every
+``flush_interval`` (100 ms, the spec's write pattern; ClickHouse prefers few
+large inserts). A request is answered only after its rows are stored, so an
+acknowledged batch is durable; a ``batch_id`` already stored answers
+``duplicate: true`` and stores nothing again, across restarts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import fnmatch
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agent.redact import Redactor
+from agent.wire import (
+    DecodedBatch,
+    Record,
+    WireError,
+    decode_json_batch,
+    decode_msgpack_batch,
+    decode_ndjson,
+    parse_level,
+    parse_timestamp,
+)
+from collector import appkeys
+from collector.auth import requires
+from collector.config import TIERS, CollectorConfig, IngestConfig
+from collector.errors import json_error
+from collector.events import LOG
+from collector.storage import Storage
+
+log = logging.getLogger("logferry.collector.ingest")
+
+MAX_MESSAGE_BYTES = 10 * 1024
+MAX_CONTEXT_BYTES = 50 * 1024
+MAX_FIELD_CHARS = 4096
+MAX_ERROR_STACK_BYTES = 256 * 1024
+MAX_TAGS = 64
+BATCH_NAMESPACE = uuid.UUID("6b1f3c1e-1d2b-4f57-9a53-3f4d0c2f7a10")
+
+
+class Overloaded(Exception):
+    """Too many rows are waiting for storage: the caller should retry later."""
+
+
+class _Pending:
+    __slots__ = ("future", "rows")
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], future: asyncio.Future[None]):
+        self.rows = rows
+        self.future = future
+
+
+class TableWriter:
+    """Coalesces rows for one table into one insert at most every ``interval``
+    seconds; ``write`` returns once the rows are stored (or raises)."""
+
+    def __init__(self, storage: Storage, table: str, *, interval: float, max_pending_rows: int):
+        self.storage = storage
+        self.table = table
+        self.interval = interval
+        self.max_pending_rows = max_pending_rows
+        self._queue: list[_Pending] = []
+        self._pending_rows = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_flush = 0.0
+        self.flushes = 0
+        self.rows_written = 0
+        self.insert_seconds: list[float] = []  # recent insert latencies, for metrics and bench
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending_rows
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"writer:{self.table}")
+
+    async def stop(self) -> None:
+        """Flush what is queued, then stop."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        if self._queue:
+            await self._flush()
+
+    async def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        if self._pending_rows + len(rows) > self.max_pending_rows:
+            raise Overloaded(f"{self._pending_rows} rows are waiting for storage")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rows, future))
+        self._pending_rows += len(rows)
+        self._wakeup.set()
+        if self._task is None:
+            self.start()
+        await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            # Idle writers flush at once; busy ones at most every `interval`.
+            wait = self._last_flush + self.interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._wakeup.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        if not queue:
+            return
+        rows = [row for pending in queue for row in pending.rows]
+        self._last_flush = time.monotonic()
+        started = time.perf_counter()
+        try:
+            await self.storage.insert_rows(self.table, rows)
+        except Exception as exc:
+            log.error("insert failed", extra={"table": self.table, "rows": len(rows), "error": str(exc)[:300]})
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        else:
+            elapsed = time.perf_counter() - started
+            self.insert_seconds.append(elapsed)
+            if len(self.insert_seconds) > 2048:
+                del self.insert_seconds[:1024]
+            self.flushes += 1
+            self.rows_written += len(rows)
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_result(None)
+        finally:
+            self._pending_rows -= len(rows)
+
+
+class LogWriter:
+    """Stores log rows and remembers stored batch ids."""
+
+    def __init__(self, storage: Storage, config: IngestConfig):
+        self.logs = TableWriter(storage, "application_logs", interval=config.flush_interval,
+                                max_pending_rows=config.max_pending_rows)
+        self.batches = TableWriter(storage, "ingest_batches", interval=config.flush_interval,
+                                   max_pending_rows=1_000_000)
+        self.storage = storage
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def start(self) -> None:
+        self.logs.start()
+        self.batches.start()
+
+    async def stop(self) -> None:
+        await self.logs.stop()
+        await self.batches.stop()
+
+    def _remember(self, batch_id: str) -> None:
+        self._seen[batch_id] = None
+        if len(self._seen) > 200_000:
+            self._seen.popitem(last=False)
+
+    async def already_stored(self, batch_id: str) -> bool:
+        if batch_id in self._seen:
+            return True
+        rows = await self.storage.query(
+            "SELECT 1 AS found FROM ingest_batches WHERE batch_id = {b:String} LIMIT 1", {"b": batch_id}
+        )
+        if rows:
+            self._remember(batch_id)
+            return True
+        return False
+
+    async def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Store log rows (no batch bookkeeping): for derived records."""
+        await self.logs.write(rows)
+
+    async def write_batch(self, batch_id: str, agent_id: str, rows: Sequence[Mapping[str, Any]]) -> bool:
+        """Store a batch's rows once; False if the batch was already stored."""
+        if not batch_id:
+            await self.logs.write(rows)
+            return True
+        lock = self._locks.setdefault(batch_id, asyncio.Lock())
+        try:
+            async with lock:
+                if await self.already_stored(batch_id):
+                    return False
+                await self.logs.write(rows)
+                # Recorded after the rows: a crash between the two makes the agent
+                # resend, and the rows' ids (derived from batch_id) are the same.
+                await self.batches.write([{
+                    "batch_id": batch_id, "agent_id": agent_id, "accepted": len(rows),
+                    "received_at": _ts(dt.datetime.now(dt.UTC)),
+                }])
+                self._remember(batch_id)
+                return True
+        finally:
+            if not lock.locked() and self._locks.get(batch_id) is lock:
+                del self._locks[batch_id]
+
+
+def _ts(value: dt.datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+class RetentionPolicy:
+    """Maps a source to its retention days (first matching rule wins)."""
+
+    def __init__(self, config: CollectorConfig):
+        self._rules = [(r.sources, TIERS[r.tier]) for r in config.retention.rules]
+        self._default = TIERS[config.retention.default_tier]
+        self._cache: dict[str, int] = {}
+
+    def days_for(self, source: str) -> int:
+        days = self._cache.get(source)
+        if days is None:
+            days = self._default
+            for globs, tier_days in self._rules:
+                if any(fnmatch.fnmatchcase(source, g) for g in globs):
+                    days = tier_days
+                    break
+            if len(self._cache) < 10_000:
+                self._cache[source] = days
+        return days
+
+
+def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
+    """A storable row for a record, or the reason it is rejected."""
+    ts = parse_timestamp(record.timestamp)
+    if ts is None:
+        return None, "timestamp: not a valid RFC 3339 time or Unix epoch seconds"
+    level = parse_level(record.level)
+    if level is None:
+        return None, f"level: {record.level[:40]!r} is not one of DEBUG, INFO, WARN, ERROR, CRITICAL"
+    if not record.source or len(record.source) > 256:
+        return None, "source: must be 1–256 characters"
+    if len(record.message) > MAX_MESSAGE_BYTES or len(record.message.encode("utf-8")) > MAX_MESSAGE_BYTES:
+        return None, f"message: larger than the 10 KB limit ({MAX_MESSAGE_BYTES} bytes)"
+    context = "{}"
+    if record.context:
+        context_bytes = orjson.dumps(record.context)
+        if len(context_bytes) > MAX_CONTEXT_BYTES:
+            return None, f"context: larger than the 50 KB limit ({MAX_CONTEXT_BYTES} bytes as JSON)"
+        context = context_bytes.decode("utf-8")
+    for name in ("user_id", "session_id", "request_id", "ip_address", "user_agent"):
+        value = getattr(record, name)
+        if value is not None and len(value) > MAX_FIELD_CHARS:
+            return None, f"{name}: longer than {MAX_FIELD_CHARS} characters"
+    if record.error_stack is not None and len(record.error_stack) > MAX_ERROR_STACK_BYTES:
+        return None, f"error_stack: larger than {MAX_ERROR_STACK_BYTES} bytes"
+    tags = record.tags or []
+    if len(tags) > MAX_TAGS or any(len(t) > 256 for t in tags):
+        return None, f"tags: at most {MAX_TAGS} tags of at most 256 characters"
+    if record.duration_ms is not None and not (0 <= record.duration_ms < 1e12):
+        return None, "duration_ms: must be a non-negative number"
+    return {
+        "timestamp": _ts(ts),
+        "level": level.name,
+        "source": record.source,
+        "message": record.message,
+        "context": context,
+        "user_id": record.user_id,
+        "session_id": record.session_id,
+        "request_id": record.request_id,
+        "ip_address": record.ip_address,
+        "user_agent": record.user_agent,
+        "duration_ms": record.duration_ms,
+        "error_stack": record.error_stack,
+        "tags": tags,
+        "host": record.host or "",
+        "file": record.file or "",
+        "offset": record.offset or 0,
+    }, None
+
+
+SUPPORTED_ENCODINGS = ("", "identity", "zstd", "gzip", "x-gzip", "deflate")
+
+
+class UnsupportedMedia(Exception):
+    pass
+
+
+def decode_body(body: bytes, content_type: str) -> DecodedBatch:
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        return decode_msgpack_batch(body)
+    if ctype == "application/json":
+        return decode_json_batch(body)
+    if ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+        return decode_ndjson(body)
+    raise UnsupportedMedia(
+        f"Content-Type {ctype or '(none)'!r} is not supported "
+        "(use application/msgpack, application/json or application/x-ndjson)"
+    )
+
+
+MAX_FUTURE = dt.timedelta(days=1)
+
+
+def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: RetentionPolicy,
+               now: dt.datetime | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows to store and the rejected records (index and reason)."""
+    rejected: list[dict[str, Any]] = [{"index": i, "error": e} for i, e in batch.errors]
+    rows: list[dict[str, Any]] = []
+    now = now or dt.datetime.now(dt.UTC)
+    newest = _ts(now + MAX_FUTURE)
+    for index, record in batch.records:
+        if redactor is not None:
+            record = redactor.redact_record(record)
+        row, error = validate_record(record)
+        if row is None:
+            rejected.append({"index": index, "error": error})
+            continue
+        days = retention.days_for(row["source"])
+        # Rows past their retention would be dropped by the TTL at the next
+        # merge: say so now instead of acknowledging data that then vanishes.
+        if row["timestamp"] < _ts(now - dt.timedelta(days=days)):
+            rejected.append({"index": index, "error": f"timestamp: older than the {days}-day retention of "
+                                                      f"source {row['source']!r}"})
+            continue
+        if row["timestamp"] > newest:
+            rejected.append({"index": index, "error": "timestamp: more than a day in the future"})
+            continue
+        if batch.batch_id:
+            row["id"] = str(uuid.uuid5(BATCH_NAMESPACE, f"{batch.batch_id}:{index}"))
+        else:
+            row["id"] = str(uuid.uuid4())
+        if not row["host"]:
+            row["host"] = batch.host
+        row["agent_id"] = batch.agent_id
+        row["batch_id"] = batch.batch_id
+        row["retention_days"] = days
+        rows.append(row)
+    rejected.sort(key=lambda r: r["index"])
+    return rows, rejected
+
+
+def stored_events(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as pipeline events: ApplicationLog field names, typed values."""
+    events = []
+    for row in rows:
+        event = dict(row)
+        event["timestamp"] = dt.datetime.fromisoformat(row["timestamp"]).replace(tzinfo=dt.UTC)
+        event["context"] = orjson.loads(row["context"])
+        events.append(event)
+    return events
+
+
+@requires("ingest", "admin")
+async def handle_ingest(request: web.Request) -> web.StreamResponse:
+    """POST /v1/ingest (ingest or admin token)."""
+    app = request.app
+    config = app[appkeys.CONFIG]
+    limits = config.ingest
+    metrics = app[appkeys.METRICS]
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in SUPPORTED_ENCODINGS:
+        return json_error(415, "unsupported_media_type",
+                          f"Content-Encoding {encoding!r} is not supported (use zstd or gzip)")
+    if request.content_length is not None and request.content_length > limits.max_body:
+        return json_error(413, "body_too_large", f"body is larger than the {int(limits.max_body)}-byte limit")
+    # aiohttp decompresses zstd/gzip incrementally as we read, so counting the
+    # bytes read bounds the decompressed size too: a bomb stops at the limit.
+    limit = int(limits.max_decompressed if encoding not in ("", "identity") else limits.max_body)
+    body = bytearray()
+    try:
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            body.extend(chunk)
+            if len(body) > limit:
+                what = "decompressed body" if limit == limits.max_decompressed else "body"
+                return json_error(413, "body_too_large", f"{what} is larger than the {limit}-byte limit")
+    except Exception as exc:  # a corrupt compressed stream surfaces here
+        return json_error(400, "bad_request", f"cannot read the {encoding or 'request'} body: {exc}")
+    try:
+        batch = decode_body(bytes(body), request.headers.get("Content-Type", ""))
+    except UnsupportedMedia as exc:
+        return json_error(415, "unsupported_media_type", str(exc))
+    except WireError as exc:
+        return json_error(400, "bad_request", str(exc))
+    writer = app[appkeys.LOG_WRITER]
+    if batch.batch_id and len(batch.batch_id) > 128:
+        return json_error(400, "bad_request", "batch_id: longer than 128 characters")
+    if batch.batch_id and await writer.already_stored(batch.batch_id):
+        metrics.inc("logferry_ingest_duplicate_batches_total")
+        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+    # Agents redact before shipping; everything else is redacted here.
+    redactor = None if batch.redacted else app[appkeys.REDACTOR]
+    rows, rejected = build_rows(batch, redactor, app[appkeys.RETENTION])
+    try:
+        stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows)
+    except Overloaded:
+        metrics.inc("logferry_ingest_throttled_total")
+        return json_error(429, "overloaded", "the collector is busy storing; retry later",
+                          headers={"Retry-After": "1"})
+    except Exception as exc:
+        log.error("ingest store failed", extra={"error": str(exc)[:300]})
+        return json_error(503, "storage_unavailable", "storage is not accepting writes; retry later",
+                          headers={"Retry-After": "2"})
+    if not stored:
+        metrics.inc("logferry_ingest_duplicate_batches_total")
+        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+    metrics.inc("logferry_ingest_records_total", len(rows))
+    metrics.inc("logferry_ingest_rejected_total", len(rejected))
+    events = app[appkeys.EVENTS]
+    if rows and events.has_subscribers(LOG):
+        events.publish(LOG, stored_events(rows))
+    return web.Response(body=orjson.dumps({"accepted": len(rows), "rejected": rejected, "duplicate": False}),
+                        content_type="application/json")

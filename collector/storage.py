@@ -1,0 +1,192 @@
+"""ClickHouse access through clickhouse-connect, for both deployments.
+
+``chdb:///path`` opens the embedded engine in this process; ``http(s)://``
+talks to a server. Either way the sync client is used from a small thread
+pool (chDB refuses the async client, and its calls block), so the event loop
+never waits on storage.
+
+chDB allows one data path per process and one process per data path
+(field-notes.md): :func:`open_storage` explains a locked folder in words, and
+:class:`Storage` takes a database name so tests isolate by database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import clickhouse_connect
+import orjson
+from clickhouse_connect.driver.client import Client
+
+T = TypeVar("T")
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage cannot be opened or reached; the message says why in words."""
+
+
+class StorageLocked(StorageUnavailable):
+    """Another process (a running collector) holds the embedded data folder."""
+
+
+def is_embedded(dsn: str) -> bool:
+    return dsn.startswith("chdb://")
+
+
+def chdb_path(dsn: str) -> str:
+    """The absolute data folder of a ``chdb://`` DSN (relative paths are taken
+    from the working directory, so ``chdb://./data/clickhouse`` works)."""
+    rest = dsn[len("chdb://"):]
+    return str(Path(rest).expanduser().resolve())
+
+
+def _connect(dsn: str, database: str | None) -> Client:
+    if is_embedded(dsn):
+        path = chdb_path(dsn)
+        os.makedirs(path, exist_ok=True)
+        try:
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database or "default")
+        except Exception as exc:
+            text = str(exc)
+            if "Cannot lock file" in text or "Another server instance" in text:
+                raise StorageLocked(
+                    f"the data folder {path} is in use by another process (a running collector?)"
+                ) from None
+            raise StorageUnavailable(f"cannot open embedded storage at {path}: {text.splitlines()[0]}") from None
+    parsed = urllib.parse.urlparse(dsn)
+    db = database or (parsed.path.strip("/") or "default")
+    try:
+        return clickhouse_connect.get_client(
+            host=parsed.hostname or "localhost",
+            port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+            username=urllib.parse.unquote(parsed.username or "default"),
+            password=urllib.parse.unquote(parsed.password or ""),
+            secure=parsed.scheme == "https",
+            database=db,
+            autogenerate_session_id=False,
+        )
+    except Exception as exc:
+        host = parsed.hostname
+        raise StorageUnavailable(f"cannot reach ClickHouse at {parsed.scheme}://{host}: {exc}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    raise TypeError(f"cannot store {type(obj).__name__}")
+
+
+def encode_rows(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """JSONEachRow bytes; the fastest way into ClickHouse from Python (field notes)."""
+    dumps = orjson.dumps
+    return b"\n".join(dumps(row, default=_json_default) for row in rows)
+
+
+class Storage:
+    """One logical database on one ClickHouse (embedded or server)."""
+
+    def __init__(self, dsn: str, database: str, *, query_timeout: float = 10.0, workers: int = 4):
+        self.dsn = dsn
+        self.database = database
+        self.query_timeout = query_timeout
+        bootstrap = _connect(dsn, None)
+        bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        self._client = _connect(dsn, database)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="storage")
+        self._local = threading.local()
+        self._closed = False
+
+    # --- sync API (call from threads) ------------------------------------
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def query_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                   settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        result = self._client.query(sql, parameters=dict(parameters or {}), settings=dict(settings or {}))
+        names = result.column_names
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    def query_json_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                        settings: Mapping[str, Any] | None = None) -> bytes:
+        """Raw ``FORMAT JSONEachRow`` bytes of a query (``sql`` must not name a format)."""
+        return bytes(self._client.raw_query(sql + " FORMAT JSONEachRow", parameters=dict(parameters or {}),
+                                            settings=dict(settings or {})))
+
+    def command_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                     settings: Mapping[str, Any] | None = None) -> Any:
+        return self._client.command(sql, parameters=dict(parameters or {}) or None, settings=dict(settings or {}))
+
+    def insert_rows_sync(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        self._client.raw_insert(table, None, encode_rows(rows), fmt="JSONEachRow",
+                                settings={"date_time_input_format": "best_effort"})
+
+    # --- async API --------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def query(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                    settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return await self.run(self.query_sync, sql, parameters, settings)
+
+    async def query_json(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                         settings: Mapping[str, Any] | None = None) -> bytes:
+        return await self.run(self.query_json_sync, sql, parameters, settings)
+
+    async def command(self, sql: str, parameters: Mapping[str, Any] | None = None,
+                      settings: Mapping[str, Any] | None = None) -> Any:
+        return await self.run(self.command_sync, sql, parameters, settings)
+
+    async def insert_rows(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        await self.run(self.insert_rows_sync, table, rows)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.command("SELECT 1"), timeout=5))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=False)
+        try:
+            self._client.close()
+        except Exception:  # noqa: S110 - closing a client that is already gone is fine
+            pass
+
+
+def open_storage(dsn: str, database: str, *, query_timeout: float = 10.0) -> Storage:
+    """Open storage or raise :class:`StorageUnavailable` with a sentence a user understands."""
+    return Storage(dsn, database, query_timeout=query_timeout)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_version() -> int:
+    """A version for ReplacingMergeTree rows: nanoseconds, strictly increasing in this process."""
+    global _last_version
+    with _version_lock:
+        v = max(time.time_ns(), _last_version + 1)
+        _last_version = v
+        return v
+
+
+_last_version = 0
+_version_lock = threading.Lock()

@@ -1,0 +1,245 @@
+"""POST /v1/ingest: formats, per-record validation, limits, idempotency, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gzip
+import json
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+import zstandard
+
+from agent.wire import Batch, Record, encode_batch
+from collector import appkeys
+
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+def batch(records: list[Record], batch_id: str | None = None) -> Batch:
+    return Batch(agent_id="test-agent", batch_id=batch_id or str(uuid.uuid4()), host="h1", records=records)
+
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
+
+
+def rec(message: str = "hello", **kw: Any) -> Record:
+    fields: dict[str, Any] = {"timestamp": NOW.isoformat(), "level": "INFO", "source": "web", "message": message}
+    fields.update(kw)
+    return Record(**fields)
+
+
+async def stored(storage, where: str = "1", params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return await storage.query(f"SELECT * FROM application_logs WHERE {where} ORDER BY message", params or {})
+
+
+@pytest.fixture
+async def ingest(app_client, tokens):
+    token = tokens.create("ingest")
+    await app_client.server.app[appkeys.TOKENS].load()
+
+    async def post(body: bytes, headers: dict[str, str] | None = None, token_: str | None = None):
+        h = {**MSGPACK, **tokens.headers(token_ or token), **(headers or {})}
+        return await app_client.post("/v1/ingest", data=body, headers=h)
+
+    return post
+
+
+async def test_msgpack_zstd_batch_is_stored_with_every_field(ingest, storage):
+    r = rec("full record", level="warning", context={"order": 42, "nested": {"a": [1, 2]}}, user_id="u1",
+            session_id="s1", request_id="r1", ip_address="10.0.0.1", user_agent="curl/8", duration_ms=12.5,
+            error_stack="Traceback ...", tags=["billing", "eu"], file="/var/log/app.log", offset=1234)
+    resp = await ingest(zstandard.compress(encode_batch(batch([r]))), {"Content-Encoding": "zstd"})
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"accepted": 1, "rejected": [], "duplicate": False}
+    [row] = await stored(storage)
+    assert row["level"] == "WARN"
+    assert json.loads(row["context"]) == {"order": 42, "nested": {"a": [1, 2]}}
+    assert (row["user_id"], row["session_id"], row["request_id"]) == ("u1", "s1", "r1")
+    assert row["ip_address"] == "10.0.0.1" and row["user_agent"] == "curl/8" and row["duration_ms"] == 12.5
+    assert row["error_stack"] == "Traceback ..." and row["tags"] == ["billing", "eu"]
+    assert row["timestamp"].isoformat() == NOW.replace(tzinfo=None).isoformat()
+    assert row["host"] == "h1" and row["file"] == "/var/log/app.log" and row["offset"] == 1234
+    assert row["retention_days"] == 30
+
+
+async def test_gzip_json_and_ndjson_bodies_are_accepted(ingest, storage):
+    body = msgspec.json.encode({"records": [msgspec.to_builtins(rec("from json"))]})
+    resp = await ingest(gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert (await resp.json())["accepted"] == 1
+    lines = b"\n".join(msgspec.json.encode(msgspec.to_builtins(rec(f"ndjson {i}"))) for i in range(3))
+    resp = await ingest(lines + b"\n\n", {"Content-Type": "application/x-ndjson"})
+    assert (await resp.json())["accepted"] == 3
+    assert len(await stored(storage)) == 4
+
+
+async def test_timestamps_as_epoch_seconds_millis_and_msgpack_extension(ingest, storage):
+    at = NOW.replace(microsecond=500000)
+    records = [rec("epoch", timestamp=at.timestamp()), rec("millis", timestamp=int(at.timestamp() * 1000)),
+               rec("ext", timestamp=at)]
+    resp = await ingest(encode_batch(batch(records)))
+    assert (await resp.json())["accepted"] == 3
+    rows = await stored(storage)
+    assert {r["timestamp"].isoformat() for r in rows} == {at.replace(tzinfo=None).isoformat()}
+
+
+async def test_records_past_their_retention_or_far_in_the_future_are_rejected(ingest, storage):
+    records = [rec("too old", timestamp=(NOW - dt.timedelta(days=31)).isoformat()),
+               rec("future", timestamp=(NOW + dt.timedelta(days=2)).isoformat()), rec("fine")]
+    out = await (await ingest(encode_batch(batch(records)))).json()
+    assert out["accepted"] == 1
+    assert [r["index"] for r in out["rejected"]] == [0, 1]
+    assert "30-day retention" in out["rejected"][0]["error"]
+    assert "future" in out["rejected"][1]["error"]
+
+
+async def test_invalid_records_are_rejected_by_index_and_valid_ones_stored(ingest, storage):
+    records: list[Any] = [
+        msgspec.to_builtins(rec("ok 0")),
+        {**msgspec.to_builtins(rec()), "timestamp": "yesterday-ish"},
+        {**msgspec.to_builtins(rec()), "level": "LOUD"},
+        msgspec.to_builtins(rec("x" * (10 * 1024 + 1))),
+        {**msgspec.to_builtins(rec()), "context": {"blob": "y" * (50 * 1024)}},
+        {**msgspec.to_builtins(rec()), "level": 7, "message": 3},
+        {"timestamp": NOW.isoformat(), "level": "INFO", "source": "web"},
+        msgspec.to_builtins(rec("ok 7")),
+    ]
+    body = msgspec.msgpack.encode({"agent_id": "a", "batch_id": str(uuid.uuid4()), "host": "h", "records": records})
+    resp = await ingest(body)
+    out = await resp.json()
+    assert resp.status == 200
+    assert out["accepted"] == 2
+    errors = {r["index"]: r["error"] for r in out["rejected"]}
+    assert sorted(errors) == [1, 2, 3, 4, 5, 6]
+    assert errors[1].startswith("timestamp:")
+    assert errors[2].startswith("level:")
+    assert "message" in errors[3] and "10 KB" in errors[3]
+    assert "context" in errors[4] and "50 KB" in errors[4]
+    assert "`level`" in errors[5]
+    assert "message" in errors[6]
+    assert [r["message"] for r in await stored(storage)] == ["ok 0", "ok 7"]
+
+
+async def test_message_of_exactly_10_kb_is_accepted(ingest, storage):
+    resp = await ingest(encode_batch(batch([rec("m" * 10 * 1024)])))
+    assert (await resp.json())["accepted"] == 1
+
+
+async def test_undecodable_body_is_400(ingest):
+    resp = await ingest(b"\xc1\xc1 not msgpack")
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "bad_request"
+
+
+async def test_missing_invalid_and_wrong_kind_tokens(app_client, tokens, ingest):
+    body = encode_batch(batch([rec()]))
+    resp = await app_client.post("/v1/ingest", data=body, headers=MSGPACK)
+    assert resp.status == 401
+    resp = await ingest(body, token_="not-a-token")
+    assert resp.status == 401
+    user = tokens.create("user")
+    resp = await ingest(body, token_=user)
+    assert resp.status == 403
+
+
+async def test_unknown_content_type_and_encoding_are_415(ingest):
+    body = encode_batch(batch([rec()]))
+    assert (await ingest(body, {"Content-Type": "text/csv"})).status == 415
+    assert (await ingest(body, {"Content-Encoding": "lz4"})).status == 415
+
+
+async def test_body_over_the_limit_is_413(make_client, make_config, tokens):
+    client = await make_client(make_config(ingest={"max_body": "1KiB"}))
+    token = tokens.create("ingest")
+    body = encode_batch(batch([rec("z" * 3000)]))
+    resp = await client.post("/v1/ingest", data=body, headers={**MSGPACK, **tokens.headers(token)})
+    assert resp.status == 413
+    assert "limit" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+async def test_decompression_bombs_stop_at_the_limit(make_client, make_config, tokens, encoding):
+    client = await make_client(make_config(ingest={"max_decompressed": "1MiB"}))
+    token = tokens.create("ingest")
+    payload = b"\0" * (200 * 1024 * 1024)
+    bomb = zstandard.compress(payload, 19) if encoding == "zstd" else gzip.compress(payload, 9)
+    assert len(bomb) < 1024 * 1024
+    resp = await client.post("/v1/ingest", data=bomb,
+                             headers={**MSGPACK, **tokens.headers(token), "Content-Encoding": encoding})
+    assert resp.status == 413
+    assert "decompressed" in (await resp.json())["error"]["message"]
+
+
+async def test_a_resent_batch_is_stored_once_even_after_a_restart(make_client, make_config, tokens, storage):
+    token = tokens.create("ingest")
+    headers = {**MSGPACK, **tokens.headers(token)}
+    body = encode_batch(batch([rec("once"), rec("twice?")], batch_id="batch-1"))
+    first = await make_client(make_config())
+    assert (await (await first.post("/v1/ingest", data=body, headers=headers)).json())["duplicate"] is False
+    assert (await (await first.post("/v1/ingest", data=body, headers=headers)).json())["duplicate"] is True
+    await first.close()
+    second = await make_client(make_config())  # a new collector on the same storage
+    out = await (await second.post("/v1/ingest", data=body, headers=headers)).json()
+    assert out == {"accepted": 0, "rejected": [], "duplicate": True}
+    assert len(await stored(storage)) == 2
+
+
+async def test_concurrent_copies_of_one_batch_store_it_once(ingest, storage):
+    body = encode_batch(batch([rec(f"c{i}") for i in range(50)], batch_id="same-batch"))
+    responses = await asyncio.gather(*(ingest(body) for _ in range(8)))
+    results = [await r.json() for r in responses]
+    assert sum(not r["duplicate"] for r in results) == 1
+    assert len(await stored(storage)) == 50
+
+
+async def test_back_pressure_answers_429_with_retry_after(make_client, make_config, tokens):
+    client = await make_client(make_config(ingest={"max_pending_rows": 1}))
+    token = tokens.create("ingest")
+    resp = await client.post("/v1/ingest", data=encode_batch(batch([rec("a"), rec("b")])),
+                             headers={**MSGPACK, **tokens.headers(token)})
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"
+
+
+async def test_records_sent_without_an_agent_are_redacted(ingest, storage):
+    line = {"timestamp": NOW.isoformat(), "level": "ERROR", "source": "pay",
+            "message": "charge failed for card 4111 1111 1111 1111 ssn 123-45-6789",
+            "context": {"password": "hunter2", "order": 7}}
+    resp = await ingest(json.dumps(line).encode(), {"Content-Type": "application/x-ndjson"})
+    assert (await resp.json())["accepted"] == 1
+    [row] = await stored(storage)
+    assert "4111" not in row["message"] and "123-45-6789" not in row["message"]
+    assert "hunter2" not in row["context"]
+    assert json.loads(row["context"])["order"] == 7
+
+
+async def test_retention_tier_follows_the_source_rules(make_client, make_config, tokens, storage):
+    config = make_config(retention={"default_tier": "standard",
+                                    "rules": [{"sources": ["pay*"], "tier": "enterprise"},
+                                              {"sources": ["audit"], "tier": "premium"}]})
+    client = await make_client(config)
+    token = tokens.create("ingest")
+    records = [rec("a", source="payments"), rec("b", source="audit"), rec("c", source="web")]
+    await client.post("/v1/ingest", data=encode_batch(batch(records)), headers={**MSGPACK, **tokens.headers(token)})
+    rows = await stored(storage)
+    assert {r["source"]: r["retention_days"] for r in rows} == {"payments": 365, "audit": 90, "web": 30}
+
+
+async def test_concurrent_requests_are_coalesced_into_few_inserts(ingest, app_client, storage):
+    writer = app_client.server.app[appkeys.LOG_WRITER]
+    before = writer.logs.flushes
+    responses = await asyncio.gather(*(ingest(encode_batch(batch([rec(f"r{i}")]))) for i in range(40)))
+    assert all(r.status == 200 for r in responses)
+    assert writer.logs.flushes - before < 40
+    assert len(await stored(storage)) == 40
+
+
+async def test_stored_logs_are_published_to_pipelines(ingest, app_client):
+    seen: list[dict[str, Any]] = []
+    app_client.server.app[appkeys.EVENTS].subscribe("log", seen.extend)
+    await ingest(encode_batch(batch([rec("event one", context={"k": 1})])))
+    assert [e["message"] for e in seen] == ["event one"]
+    assert seen[0]["context"] == {"k": 1} and seen[0]["timestamp"].tzinfo is not None

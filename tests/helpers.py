@@ -1,0 +1,23 @@
+"""Small helpers shared by tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SECRET = "test-secret-key-0123456789abcdef0123456789"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (aiosmtpd cannot take port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(name: str) -> str:
+    """Path of one of our console scripts in the running venv."""
+    return str(VENV_BIN / name)
