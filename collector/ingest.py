@@ -217,7 +217,8 @@ class LogWriter:
 
 
 def _ts(value: dt.datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    """ClickHouse's DateTime64(3) text form of a UTC datetime (isoformat is ~4x faster than strftime)."""
+    return value.isoformat(sep=" ", timespec="milliseconds")[:23]
 
 
 class RetentionPolicy:
@@ -251,7 +252,8 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"level: {record.level[:40]!r} is not one of DEBUG, INFO, WARN, ERROR, CRITICAL"
     if not record.source or len(record.source) > 256:
         return None, "source: must be 1–256 characters"
-    if len(record.message) > MAX_MESSAGE_BYTES or len(record.message.encode("utf-8")) > MAX_MESSAGE_BYTES:
+    # At most 4 bytes a character: only long messages need encoding to be measured.
+    if len(record.message) * 4 > MAX_MESSAGE_BYTES and len(record.message.encode("utf-8")) > MAX_MESSAGE_BYTES:
         return None, f"message: larger than the 10 KB limit ({MAX_MESSAGE_BYTES} bytes)"
     context = "{}"
     if record.context:
@@ -321,6 +323,9 @@ def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: Retent
     rows: list[dict[str, Any]] = []
     now = now or dt.datetime.now(dt.UTC)
     newest = _ts(now + MAX_FUTURE)
+    oldest: dict[int, str] = {}
+    # Ids derived from (batch_id, index): a resent batch gets the same ids.
+    id_prefix = str(uuid.uuid5(BATCH_NAMESPACE, batch.batch_id))[:24] if batch.batch_id else None
     for index, record in batch.records:
         if redactor is not None:
             record = redactor.redact_record(record)
@@ -331,15 +336,18 @@ def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: Retent
         days = retention.days_for(row["source"])
         # Rows past their retention would be dropped by the TTL at the next
         # merge: say so now instead of acknowledging data that then vanishes.
-        if row["timestamp"] < _ts(now - dt.timedelta(days=days)):
+        cutoff = oldest.get(days)
+        if cutoff is None:
+            cutoff = oldest[days] = _ts(now - dt.timedelta(days=days))
+        if row["timestamp"] < cutoff:
             rejected.append({"index": index, "error": f"timestamp: older than the {days}-day retention of "
                                                       f"source {row['source']!r}"})
             continue
         if row["timestamp"] > newest:
             rejected.append({"index": index, "error": "timestamp: more than a day in the future"})
             continue
-        if batch.batch_id:
-            row["id"] = str(uuid.uuid5(BATCH_NAMESPACE, f"{batch.batch_id}:{index}"))
+        if id_prefix is not None:
+            row["id"] = f"{id_prefix}{index:012x}"
         else:
             row["id"] = str(uuid.uuid4())
         if not row["host"]:

@@ -1,0 +1,128 @@
+"""Ingest throughput and insert latency through POST /v1/ingest into chDB.
+
+Runs the real collector app on 127.0.0.1 in this process (chDB in a temporary
+folder), pre-encodes msgpack+zstd batches of 1000 records (so the client's
+encoding is not measured), posts them with a few concurrent connections, and
+prints records/s, request latency and the per-insert latency of the coalescing
+writer (the spec: log write < 10 ms per batch).
+
+    python bench/bench_ingest.py [--batches 200] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import aiohttp
+import zstandard
+from aiohttp import web
+
+from agent.configfile import convert
+from agent.wire import Batch, Record, encode_batch
+from collector import appkeys
+from collector.app import create_app
+from collector.config import CollectorConfig
+
+SECRET = "bench-secret-key-0123456789abcdef0123456789"
+SOURCES = [f"service-{i}" for i in range(20)]
+LEVELS = ["DEBUG", "INFO", "INFO", "INFO", "WARN", "ERROR"]
+
+
+def make_batches(n: int, size: int) -> list[bytes]:
+    rng = random.Random(7)
+    now = dt.datetime.now(dt.UTC)
+    cctx = zstandard.ZstdCompressor(level=1)
+    out = []
+    for b in range(n):
+        records = [
+            Record(timestamp=(now - dt.timedelta(seconds=rng.random() * 3600)).isoformat(),
+                   level=rng.choice(LEVELS), source=rng.choice(SOURCES),
+                   message=f"GET /api/orders/{rng.randint(1, 10**6)} took {rng.randint(1, 900)} ms",
+                   context={"status": rng.choice([200, 200, 404, 500]), "region": "eu-west-1"},
+                   request_id=uuid.uuid4().hex, user_id=f"user-{rng.randint(1, 5000)}", tags=["bench"],
+                   file="/var/log/app.log", offset=b * size + i, host="bench-host")
+            for i in range(size)
+        ]
+        batch = Batch(agent_id="bench", batch_id=str(uuid.uuid4()), host="bench-host", records=records,
+                      redacted=True)
+        out.append(cctx.compress(encode_batch(batch)))
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def run(batches: int, size: int, concurrency: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="logferry-bench-") as folder:
+        config = convert({"secret_key": SECRET, "storage": {"dsn": f"chdb://{folder}"}, "listen": "127.0.0.1:18080"},
+                         CollectorConfig)
+        app = create_app(config)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        _, token = await app[appkeys.TOKENS].create(kind="ingest", name="bench", created_by="bench")
+        print(f"encoding {batches} batches of {size} records ...", flush=True)
+        bodies = make_batches(batches, size)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack",
+                   "Content-Encoding": "zstd"}
+        latencies: list[float] = []
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for body in bodies:
+            queue.put_nowait(body)
+
+        async def worker(session: aiohttp.ClientSession) -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                started = time.perf_counter()
+                async with session.post(f"http://127.0.0.1:{port}/v1/ingest", data=body, headers=headers) as r:
+                    out = await r.json()
+                    assert r.status == 200 and out["accepted"] == size, out
+                latencies.append(time.perf_counter() - started)
+                done = len(latencies)
+                if done % max(1, batches // 10) == 0:
+                    print(f"  {done}/{batches} batches", flush=True)
+
+        writer = app[appkeys.LOG_WRITER].logs
+        writer.insert_seconds.clear()
+        started = time.perf_counter()
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        inserts = [s * 1000 for s in writer.insert_seconds]
+        total = batches * size
+        print(f"ingest: {total} records in {elapsed:.2f} s = {total / elapsed:,.0f} records/s "
+              f"({batches} batches of {size}, {concurrency} connections)")
+        print(f"request latency (ms): p50 {pct(latencies, 50) * 1000:.1f}  p99 {pct(latencies, 99) * 1000:.1f}")
+        print(f"inserts: {len(inserts)} (coalesced, ~{total / max(1, len(inserts)):,.0f} rows each); "
+              f"insert latency (ms): p50 {statistics.median(inserts):.1f}  p99 {pct(inserts, 99):.1f}")
+        per_batch = [s / max(1, (total / len(inserts)) / size) for s in inserts]
+        print(f"insert latency per 1000-record batch (ms): p50 {statistics.median(per_batch):.1f}  "
+              f"p99 {pct(per_batch, 99):.1f}   (spec: < 10 ms)")
+        await runner.cleanup()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="a short run (50 batches)")
+    args = parser.parse_args()
+    asyncio.run(run(50 if args.quick else args.batches, args.size, args.concurrency))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
