@@ -30,11 +30,15 @@ hookspec = pluggy.HookspecMarker("logferry")
 def logferry_register_steps(register: Callable[[Any], None]) -> None:
     """Register pipeline step types.
 
-    :param register: call ``register(step_type)`` with an object that has a
-        ``name`` (used as ``type:`` in a pipeline step), an ``Options`` msgspec
-        Struct validating the step's parameters, and
-        ``async run(event, options, context)`` plus ``describe(event, options,
-        context) -> str`` for dry runs. See ``plugins.types.StepType``.
+    :param register: call ``register(step_type)`` with an object (or a class
+        with a no-argument constructor) that has a ``name`` (used as ``type:``
+        in a pipeline step), an ``Options`` msgspec Struct validating the step's
+        parameters, and ``async run(event, options, context)`` plus
+        ``describe(event, options, context) -> str`` for dry runs. See
+        ``plugins.types.StepType`` and ``plugins.types.StepContext``.
+
+    Called once, when the manager loads. A name another plugin registered, a
+    missing attribute or an exception stops start-up naming this plugin.
     """
 
 
@@ -90,6 +94,9 @@ def logferry_register_template_filters(register: Callable[[str, Callable[..., An
 def logferry_startup(app: Any) -> Any:
     """The collector app has started and storage is migrated. May be async.
 
+    Take resources here and keep them under an ``AppKey`` of your own. An
+    exception stops start-up.
+
     :param app: the ``aiohttp.web.Application``; typed state lives under the
         ``AppKey``\\ s of ``collector.appkeys``.
     """
@@ -98,6 +105,8 @@ def logferry_startup(app: Any) -> Any:
 @hookspec
 def logferry_shutdown(app: Any) -> Any:
     """The collector is stopping; release what ``logferry_startup`` took. May be async.
+
+    Exceptions are logged; every implementation is called.
 
     :param app: the ``aiohttp.web.Application``.
     """
@@ -110,7 +119,8 @@ def logferry_shutdown(app: Any) -> Any:
 def logferry_logs_stored(records: list[Mapping[str, Any]]) -> Any:
     """A batch of log records was durably stored. May be async.
 
-    Called off the ingest path: ingest never waits for it.
+    Called from a background queue, off the ingest path: ingest never waits
+    for it. Exceptions are logged and counted, never raised into ingest.
 
     :param records: the stored rows, each a mapping with the ApplicationLog
         field names (``timestamp`` a timezone-aware datetime, ``level`` a name).
