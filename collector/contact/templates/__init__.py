@@ -1,0 +1,1 @@
+"""HTML templates of the hosted contact form (package data)."""
