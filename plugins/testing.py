@@ -203,6 +203,45 @@ async def ship_logs(client: TestClient[Any, Any], *records: Mapping[str, Any]) -
     return int((await response.json())["accepted"])
 
 
+class DatabasePool:
+    """Migrated databases reused across tests: creating one costs 0.4–1 s of
+    DDL in chDB, emptying one with TRUNCATE about 6 ms (measured). A database
+    is handed to one test at a time and emptied before the next gets it."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._free: list[str] = []
+
+    def acquire(self) -> Any:
+        from collector.schema import migrate
+        from collector.storage import Storage
+
+        if self._free:
+            return Storage(self.dsn, self._free.pop())
+        store = Storage(self.dsn, f"t_{uuid.uuid4().hex[:12]}")
+        migrate(store)
+        return store
+
+    def release(self, store: Any) -> None:
+        try:
+            tables = [r["name"] for r in store.query_sync("SHOW TABLES")]
+            for table in tables:
+                if table != "schema_migrations":
+                    store.command_sync(f"TRUNCATE TABLE `{table}`")
+        except Exception:
+            store.command_sync(f"DROP DATABASE IF EXISTS `{store.database}`")
+        else:
+            self._free.append(store.database)
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="session")
+def database_pool(chdb_dsn: str) -> DatabasePool:
+    """The session's pool of migrated databases (see :class:`DatabasePool`)."""
+    return DatabasePool(chdb_dsn)
+
+
 @pytest.fixture(scope="session")
 def chdb_dsn() -> Iterator[str]:
     """One embedded ClickHouse folder for the test session (chDB allows one
@@ -212,7 +251,8 @@ def chdb_dsn() -> Iterator[str]:
 
 
 @pytest.fixture
-async def collector_app(chdb_dsn: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def collector_app(chdb_dsn: str, database_pool: DatabasePool, tmp_path: Path,
+                        ) -> AsyncIterator[Callable[..., Any]]:
     """``await collector_app(pipelines=[yaml_text, …], plugins=(), config={})`` →
     an aiohttp TestClient over the real collector app, on a database of this
     test's own, with the installed plugins, ``plugins`` (``(name, plugin)``
@@ -244,12 +284,15 @@ async def collector_app(chdb_dsn: str, tmp_path: Path) -> AsyncIterator[Callable
         }
         data.update(config or {})
         collector_config = convert(data, CollectorConfig)
-        name = database or f"p_{uuid.uuid4().hex[:12]}"
-        if not any(s.database == name for s in stores):
-            store = Storage(chdb_dsn, name)
+        if database is None:
+            store = database_pool.acquire()
+            stores.append(store)
+        elif any(s.database == database for s in stores):
+            store = next(s for s in stores if s.database == database)
+        else:
+            store = Storage(chdb_dsn, database)
             migrate(store)
             stores.append(store)
-        store = next(s for s in stores if s.database == name)
         token = EXTRA_PLUGINS.set(tuple(plugins))
         try:
             app = create_app(collector_config, storage=store)
@@ -275,7 +318,4 @@ async def collector_app(chdb_dsn: str, tmp_path: Path) -> AsyncIterator[Callable
     for client in clients:
         await client.close()
     for store in stores:
-        try:
-            store.command_sync(f"DROP DATABASE IF EXISTS `{store.database}`")
-        finally:
-            store.close()
+        database_pool.release(store)

@@ -27,6 +27,7 @@ from collector.auth import TokenScope, TokenService
 from collector.config import CollectorConfig
 from collector.schema import migrate
 from collector.storage import Storage
+from plugins.testing import DatabasePool, database_pool  # noqa: F401 - a fixture
 from tests.helpers import SECRET, cli, free_port
 
 
@@ -42,16 +43,11 @@ def chdb_dsn(chdb_dir: str) -> str:
 
 
 @pytest.fixture
-def storage(chdb_dsn: str) -> Iterator[Storage]:
-    """A migrated Storage on a database of this test's own."""
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    store = Storage(chdb_dsn, database)
-    migrate(store)
+def storage(database_pool: DatabasePool) -> Iterator[Storage]:
+    """A migrated, empty Storage that only this test uses (from the session's pool)."""
+    store = database_pool.acquire()
     yield store
-    try:
-        store.command_sync(f"DROP DATABASE IF EXISTS `{database}`")
-    finally:
-        store.close()
+    database_pool.release(store)
 
 
 @pytest.fixture
@@ -165,11 +161,11 @@ class CollectorProcess:
         return out.stdout.strip().splitlines()[-1]
 
     def start(self, timeout: float = 60.0) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [cli("logferry-collector"), "serve", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [cli("logferry-collector"), "serve", "-c", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            )
         deadline = time.monotonic() + timeout
         import urllib.request
 
