@@ -1,0 +1,614 @@
+"""Turn log lines into :class:`agent.wire.Record` values.
+
+One :class:`LineParser` per source. ``parse_lines`` takes the raw lines of a
+read chunk (bytes, without their newline) with their file offsets and returns
+one record per non-blank line; ``parse_entry`` parses one multiline entry.
+A line that does not parse is never dropped: it becomes a plain record tagged
+``parse_error``.
+
+Formats: ``json`` (common field names mapped onto the record, the rest kept in
+``context``), ``logfmt``, ``regex`` (named groups), ``plain`` (a leading
+timestamp and level are recognised), ``syslog`` (RFC 3164 and RFC 5424) and
+``combined`` (the nginx/Apache combined access log; ``nginx`` and ``apache``
+are the same parser).
+
+The JSON path is the hot one: a chunk's lines are decoded by msgspec in one
+call as a JSON array, and fields are mapped with plain dict operations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import re2
+
+from agent.config import SourceConfig
+from agent.wire import Level, parse_level, parse_timestamp
+from agent.wire import Record as Record
+
+# The collector refuses longer messages and contexts (data-model: message max
+# 10KB, context max 50KB); cutting here keeps the rest of the record.
+MAX_MESSAGE_BYTES = 10_000
+MAX_CONTEXT_BYTES = 50_000
+MAX_STACK_BYTES = 256 * 1024
+
+_LEVEL_NAMES: dict[Any, str] = {}
+for _name in ("debug", "info", "warn", "warning", "error", "err", "critical", "fatal", "panic", "trace",
+              "notice", "crit", "alert", "emerg", "dbg", "inf", "wrn", "eror", "severe", "verbose"):
+    for _variant in (_name, _name.upper(), _name.capitalize()):
+        _lvl = parse_level(_variant)
+        if _lvl is not None:
+            _LEVEL_NAMES[_variant] = _lvl.name
+
+
+def normalise_level(value: Any, default: str = "INFO") -> str:
+    """The canonical level name (``DEBUG`` … ``CRITICAL``) of ``value``;
+    ``default`` when it is not a level."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return default
+    name = _LEVEL_NAMES.get(value)
+    if name is not None:
+        return name
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        level = parse_level(value)
+        if level is not None:
+            return level.name
+    return default
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _timestamp_ok(value: Any) -> bool:
+    """Whether the collector will accept ``value`` as a timestamp."""
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return parse_timestamp(value) is not None
+        return 1970 <= parsed.year <= 2261
+    return parse_timestamp(value) is not None
+
+
+def _cut(text: str, limit: int, what: str) -> tuple[str, bool]:
+    if len(text) * 4 <= limit:
+        return text, False
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text, False
+    marker = f"…[{what} truncated, {len(raw)} bytes]"
+    return raw[: limit - len(marker.encode()) - 4].decode("utf-8", "ignore") + marker, True
+
+
+# Aliases of record fields in JSON and logfmt lines, most common first.
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "timestamp": ("timestamp", "ts", "time", "@timestamp", "datetime", "date", "t", "eventTime", "asctime"),
+    "level": ("level", "lvl", "severity", "loglevel", "log_level", "levelname", "@level", "log.level"),
+    "message": ("message", "msg", "@message", "event", "text", "log"),
+    "error_stack": ("error_stack", "stack", "stacktrace", "stack_trace", "exception", "exc_info",
+                    "traceback", "error.stack"),
+    "user_id": ("user_id", "userId", "uid", "user.id"),
+    "session_id": ("session_id", "sessionId", "session"),
+    "request_id": ("request_id", "requestId", "req_id", "x_request_id"),
+    "ip_address": ("ip_address", "ip", "client_ip", "remote_addr", "remote_ip", "clientIp"),
+    "user_agent": ("user_agent", "userAgent", "ua", "http_user_agent"),
+    "duration_ms": ("duration_ms", "elapsed_ms", "latency_ms", "response_time_ms", "took_ms"),
+}
+_STRING_FIELDS = ("user_id", "session_id", "request_id", "ip_address", "user_agent")
+
+
+class _FieldPlan:
+    """Which key of a mapping fills which record field, for one set of keys."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        self.keys = keys
+
+
+_json_array = msgspec.json.Decoder(list[Any])
+_json_value = msgspec.json.Decoder()
+_json_encode = msgspec.json.Encoder().encode
+
+
+class LineParser:
+    """Parses the lines of one source into records."""
+
+    def __init__(self, cfg: SourceConfig, host: str) -> None:
+        self.cfg = cfg
+        self.source = cfg.source
+        self.host = host
+        self.static_tags = list(cfg.tags) or None
+        self.encoding = cfg.encoding
+        self._utf8 = cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
+        aliases = {field: (cfg.fields[field], *names) if field in cfg.fields else names
+                   for field, names in FIELD_ALIASES.items()}
+        self._aliases = aliases
+        self._alias_set = frozenset(k for names in aliases.values() for k in names)
+        self._plans: dict[frozenset[str], _FieldPlan] = {}
+        self._builders: dict[tuple[str, ...], Callable[[dict[str, Any], int, str | None], Record]] = {}
+        fmt = cfg.format
+        self._regex: Any = None
+        if fmt == "regex":
+            assert cfg.pattern is not None
+            self._regex = re2.compile(cfg.pattern)
+        parse_text: dict[str, Callable[[str], dict[str, Any] | None]] = {
+            "logfmt": parse_logfmt,
+            "syslog": parse_syslog,
+            "combined": parse_combined,
+            "nginx": parse_combined,
+            "apache": parse_combined,
+            "regex": self._parse_regex,
+            "plain": parse_plain,
+        }
+        self._parse_text = parse_text.get(fmt)
+        self.errors = 0
+
+    # --- entry points ------------------------------------------------------
+
+    def parse_lines(self, lines: Sequence[bytes], starts: Sequence[int], file: str | None) -> list[Record]:
+        """One record per non-blank line; ``starts[i]`` is the file offset of ``lines[i]``."""
+        if self.cfg.format == "json" and self._utf8:
+            return self._parse_json_lines(lines, starts, file)
+        out: list[Record] = []
+        for line, start in zip(lines, starts, strict=False):
+            text = self.decode(line)
+            if not text.strip():
+                continue
+            out.append(self.parse_entry(text, None, start, file))
+        return out
+
+    def decode(self, line: bytes) -> str:
+        text = line.decode(self.encoding, "replace")
+        return text[:-1] if text.endswith("\r") else text
+
+    def parse_entry(self, first: str, rest: list[str] | None, start: int | None, file: str | None) -> Record:
+        """A record from one line, or from a multiline entry (``rest`` are the
+        continuation lines; they become ``error_stack``)."""
+        fields: dict[str, Any] | None
+        if self.cfg.format == "json":
+            try:
+                value = _json_value.decode(first.encode("utf-8", "replace"))
+            except msgspec.DecodeError:
+                value = None
+            fields = value if isinstance(value, dict) else None
+            if fields is not None:
+                fields = self._map_fields(fields)
+        else:
+            assert self._parse_text is not None
+            try:
+                fields = self._parse_text(first)
+            except (ValueError, TypeError, IndexError):
+                fields = None
+            if fields is not None and self.cfg.format in ("logfmt", "regex"):
+                fields = self._map_fields(fields)
+        tags = None
+        if fields is None:
+            self.errors += 1
+            fields = parse_plain(first)
+            tags = ["parse_error"]
+        if rest:
+            stack = "\n".join(rest)
+            previous = fields.get("error_stack")
+            fields["error_stack"] = f"{previous}\n{stack}" if previous else stack
+        return self._record(fields, start, file, tags)
+
+    # --- JSON -------------------------------------------------------------
+
+    def _parse_json_lines(self, lines: Sequence[bytes], starts: Sequence[int],
+                          file: str | None) -> list[Record]:
+        values: list[Any] | None
+        try:
+            values = _json_array.decode(b"[" + b",".join(lines) + b"]")
+        except msgspec.DecodeError:
+            values = None
+        if values is None or len(values) != len(lines):
+            # Blank lines, a malformed line or invalid UTF-8 somewhere: one by one.
+            return self._parse_json_one_by_one(lines, starts, file)
+        out: list[Record] = []
+        append = out.append
+        builders = self._builders
+        for value, line, start in zip(values, lines, starts, strict=False):
+            if type(value) is dict and len(line) <= _FAST_LINE_BYTES:
+                keys = tuple(value)
+                build = builders.get(keys) or self._builder_for(keys)
+                append(build(value, start, file))
+            elif type(value) is dict:
+                append(self._record(self._map_fields(value), start, file, None))
+            else:
+                append(self.parse_entry(self.decode(line), None, start, file))
+        return out
+
+    def _builder_for(self, keys: tuple[str, ...]) -> Callable[[dict[str, Any], int, str | None], Record]:
+        """A function that turns a decoded JSON object with exactly these keys
+        (in this order) into a record.
+
+        Log lines of one application nearly always have the same keys, so the
+        mapping is worked out once per key set and compiled into straight-line
+        code: a few ``dict.pop`` calls, type checks, one ``Record(...)``. A
+        value of an unexpected type (or an odd timestamp) takes the general
+        path, :meth:`_record`, which coerces and annotates.
+        """
+        present = set(keys)
+        plan: dict[str, str] = {}
+        for field, names in self._aliases.items():
+            for name in names:
+                if name in present:
+                    plan[field] = name
+                    break
+        extras = len(present) - len(plan)
+        if "tags" in present or "context" in present or extras > 64:
+            def general(value: dict[str, Any], start: int, file: str | None) -> Record:
+                return self._record(self._map_fields(value), start, file, None)
+
+            built: Callable[[dict[str, Any], int, str | None], Record] = general
+        else:
+            built = _compile_builder(plan, self)
+        if len(self._builders) < 4096:
+            self._builders[keys] = built
+        return built
+
+    def _parse_json_one_by_one(self, lines: Sequence[bytes], starts: Sequence[int],
+                               file: str | None) -> list[Record]:
+        out: list[Record] = []
+        for line, start in zip(lines, starts, strict=False):
+            if not line.strip():
+                continue
+            try:
+                value = _json_value.decode(line)
+            except msgspec.DecodeError:
+                out.append(self.parse_entry(self.decode(line), None, start, file))
+                continue
+            if type(value) is dict:
+                out.append(self._record(self._map_fields(value), start, file, None))
+            else:
+                out.append(self.parse_entry(self.decode(line), None, start, file))
+        return out
+
+    def _plan_for(self, keys: frozenset[str]) -> _FieldPlan:
+        chosen: dict[str, str] = {}
+        for field, names in self._aliases.items():
+            for name in names:
+                if name in keys:
+                    chosen[field] = name
+                    break
+        plan = _FieldPlan(chosen)
+        if len(self._plans) < 1024:
+            self._plans[keys] = plan
+        return plan
+
+    def _map_fields(self, value: dict[str, Any]) -> dict[str, Any]:
+        """Move the record fields of a parsed mapping to their record names;
+        everything else lands under ``context``. Mutates and returns ``value``."""
+        present = frozenset(value.keys() & self._alias_set)
+        plan = self._plans.get(present) or self._plan_for(present)
+        out: dict[str, Any] = {}
+        for field, key in plan.keys.items():
+            out[field] = value.pop(key)
+        if value:
+            tags = value.get("tags")
+            if type(tags) is list and all(type(t) is str for t in tags):
+                out["tags"] = value.pop("tags")
+            if value:
+                out["context"] = value
+        return out
+
+    # --- regex ---------------------------------------------------------------
+
+    def _parse_regex(self, text: str) -> dict[str, Any] | None:
+        m = self._regex.search(text)
+        if m is None:
+            return None
+        return {k: v for k, v in m.groupdict().items() if v is not None}
+
+    # --- building records ---------------------------------------------------------
+
+    def _record(self, fields: dict[str, Any], start: int | None, file: str | None,
+                tags: list[str] | None) -> Record:
+        """A record from mapped fields (record names; ``context`` holds the rest)."""
+        get = fields.get
+        ts = get("timestamp")
+        context = get("context")
+        if ts is None:
+            ts = now_iso()
+        elif not _timestamp_ok(ts):
+            context = dict(context or {})
+            context["timestamp_raw"] = ts
+            ts = now_iso()
+            tags = [*(tags or ()), "bad_timestamp"]
+        level = get("level")
+        if level is None:
+            level = "INFO"
+        else:
+            level = (_LEVEL_NAMES.get(level) if type(level) is str else None) or normalise_level(level)
+        message = get("message")
+        if message is None:
+            message = ""
+        elif type(message) is not str:
+            message = _json_encode(message).decode()
+        if len(message) > MAX_MESSAGE_BYTES // 4:
+            message, cut = _cut(message, MAX_MESSAGE_BYTES, "message")
+            if cut:
+                tags = [*(tags or ()), "truncated"]
+        strings: list[Any] = []
+        for name in _STRING_FIELDS:
+            v = get(name)
+            if v is not None and type(v) is not str:
+                v = _json_encode(v).decode() if isinstance(v, dict | list) else str(v)
+            strings.append(v)
+        duration = get("duration_ms")
+        if duration is not None and type(duration) is not float:
+            try:
+                duration = float(duration)
+            except (TypeError, ValueError):
+                context = dict(context or {})
+                context["duration_ms_raw"] = duration
+                duration = None
+        stack = get("error_stack")
+        if stack is not None:
+            if type(stack) is not str:
+                if isinstance(stack, list):
+                    stack = "\n".join(map(str, stack))
+                else:
+                    stack = _json_encode(stack).decode()
+            if len(stack) > MAX_STACK_BYTES // 4:
+                stack, _ = _cut(stack, MAX_STACK_BYTES, "error_stack")
+        if context is not None:
+            if type(context) is not dict:
+                context = {"value": context}
+            elif not context:
+                context = None
+            elif len(context) > 64 or sum(len(k) for k in context) > 4096:
+                # Only large contexts are measured: encoding each one costs time.
+                encoded = _json_encode(context)
+                if len(encoded) > MAX_CONTEXT_BYTES:
+                    context = {"truncated": True, "context_prefix": encoded[:1000].decode("utf-8", "ignore")}
+                    tags = [*(tags or ()), "truncated"]
+        line_tags = get("tags")
+        if line_tags is not None or tags is not None or self.static_tags is not None:
+            tags = [*(self.static_tags or ()), *(line_tags or ()), *(tags or ())] or None
+        return Record(ts, level, self.source, message, context, strings[0], strings[1], strings[2],
+                      strings[3], strings[4], duration, stack, tags, file, start, self.host)
+
+
+def _iso_ok(value: str) -> bool:
+    try:
+        parsed = _fromisoformat(value)
+    except ValueError:
+        return False
+    return 1970 <= parsed.year <= 2261
+
+
+_fromisoformat = dt.datetime.fromisoformat
+_FAST_LINE_BYTES = 8192  # longer lines may hit the message/context limits: general path
+
+# Record's positional order after timestamp, level, source, message, context.
+_RECORD_TAIL = ("user_id", "session_id", "request_id", "ip_address", "user_agent", "duration_ms",
+                "error_stack")
+
+
+def _compile_builder(plan: dict[str, str], parser: LineParser) -> Callable[[dict[str, Any], int, str | None],
+                                                                           Record]:
+    """Straight-line code for one key plan (see :meth:`LineParser._builder_for`).
+    Keys enter the source only through ``repr``."""
+    lines = ["def build(d, offset, file):", "    pop = d.pop"]
+    checks = []
+    for field, key in plan.items():
+        lines.append(f"    v_{field} = pop({key!r})")
+        if field == "timestamp":
+            checks.append("type(v_timestamp) is not str or not iso_ok(v_timestamp)")
+        elif field == "level":
+            checks.append("type(v_level) is not str or v_level not in LEVELS")
+        elif field == "duration_ms":
+            checks.append("(type(v_duration_ms) is not float and type(v_duration_ms) is not int)")
+        elif field in ("message", "error_stack") or field in _STRING_FIELDS:
+            checks.append(f"type(v_{field}) is not str")
+    mapped = ", ".join(f"{field!r}: v_{field}" for field in plan)
+    if checks:
+        lines.append("    if " + " or ".join(checks) + ":")
+        lines.append(f"        fields = {{{mapped}}}")
+        lines.append("        if d:")
+        lines.append("            fields['context'] = d")
+        lines.append("        return general(fields, offset, file, None)")
+    ts = "v_timestamp" if "timestamp" in plan else "now_iso()"
+    level = "LEVELS[v_level]" if "level" in plan else "'INFO'"
+    message = "v_message" if "message" in plan else "''"
+    tail = ", ".join(f"v_{f}" if f in plan else "None" for f in _RECORD_TAIL)
+    lines.append(f"    return Record({ts}, {level}, SOURCE, {message}, d or None, {tail}, TAGS, file, offset, HOST)")
+    namespace: dict[str, Any] = {
+        "iso_ok": _iso_ok, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": now_iso,
+        "general": parser._record, "SOURCE": parser.source, "TAGS": parser.static_tags, "HOST": parser.host,
+    }
+    exec(compile("\n".join(lines), f"<json builder {sorted(plan.values())}>", "exec"), namespace)  # noqa: S102
+    return namespace["build"]  # type: ignore[no-any-return]
+
+
+# --- text formats --------------------------------------------------------------
+
+_PLAIN = re.compile(
+    r"^\s*\[?(?P<timestamp>\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?)\]?"
+    r"\s*(?:[\[(]?(?P<level>TRACE|DEBUG|INFO|NOTICE|WARN(?:ING)?|ERROR|ERR|CRITICAL|CRIT|FATAL|PANIC|SEVERE)"
+    r"[\])]?:?\s+)?(?P<message>.*)$",
+    re.DOTALL,
+)
+_PLAIN_LEVEL = re.compile(
+    r"^\s*[\[(]?(?P<level>TRACE|DEBUG|INFO|NOTICE|WARN(?:ING)?|ERROR|ERR|CRITICAL|CRIT|FATAL|PANIC|SEVERE)"
+    r"[\])]?:?\s+(?P<message>.*)$",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+def parse_plain(text: str) -> dict[str, Any]:
+    """The whole line is the message; a leading timestamp and level are used when present."""
+    if text[:1].isdigit() or text[:1] == "[":
+        m = _PLAIN.match(text)
+        if m:
+            fields = {k: v for k, v in m.groupdict().items() if v is not None}
+            ts = fields["timestamp"].replace(",", ".")
+            if ts[10] == " ":
+                ts = ts[:10] + "T" + ts[11:]
+            parsed = parse_timestamp(ts)
+            if parsed is not None:
+                fields["timestamp"] = ts
+            else:
+                del fields["timestamp"]
+            return fields
+    m = _PLAIN_LEVEL.match(text)
+    if m:
+        return {"level": m.group("level"), "message": m.group("message")}
+    return {"message": text}
+
+
+_LOGFMT = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|\S*)|(\S+)')
+
+
+def parse_logfmt(text: str) -> dict[str, Any] | None:
+    """``key=value key2="quoted value" flag`` into a mapping; ``None`` when the
+    line has no ``key=value`` pair at all."""
+    out: dict[str, Any] = {}
+    pairs = 0
+    for key, value, bare in _LOGFMT.findall(text):
+        if bare:
+            out[bare] = True
+            continue
+        pairs += 1
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            try:
+                value = msgspec.json.decode(value.encode())
+            except msgspec.DecodeError:
+                value = value[1:-1]
+        out[key] = value
+    return out if pairs else None
+
+
+_SYSLOG_5424 = re.compile(
+    r"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) "
+    r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: (?P<msg>.*))?$",
+    re.DOTALL,
+)
+_SYSLOG_3164 = re.compile(
+    r"^(?:<(?P<pri>\d{1,3})>)?(?P<ts>[A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}) (?P<host>\S+) "
+    r"(?P<tag>[^\s:\[]+)(?:\[(?P<pid>[^\]]+)\])?: ?(?P<msg>.*)$",
+    re.DOTALL,
+)
+_SD_ELEMENT = re.compile(r"\[(\S+?)((?: \S+?=\"(?:[^\"\\]|\\.)*\")*)\]")
+_SD_PARAM = re.compile(r" (\S+?)=\"((?:[^\"\\]|\\.)*)\"")
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+
+
+def _syslog_severity(pri: str | None) -> tuple[str | None, dict[str, Any]]:
+    if pri is None:
+        return None, {}
+    value = int(pri)
+    severity = value & 7
+    level = parse_level(severity) or Level.INFO
+    return level.name, {"facility": value >> 3, "severity": severity}
+
+
+def parse_syslog(text: str, now: dt.datetime | None = None) -> dict[str, Any] | None:
+    """RFC 5424 (``<165>1 2003-10-11T22:14:15.003Z host app 123 ID47 [sd] msg``)
+    or RFC 3164 / the classic file format (``<34>Oct 11 22:14:15 host su[12]: msg``,
+    PRI optional). RFC 3164 timestamps have no year and are local time: the
+    current year is assumed, or the previous one if that lands in the future."""
+    m = _SYSLOG_5424.match(text)
+    if m:
+        level, context = _syslog_severity(m.group("pri"))
+        for name in ("host", "app", "procid", "msgid"):
+            if m.group(name) != "-":
+                context[{"host": "hostname", "app": "appname"}.get(name, name)] = m.group(name)
+        sd = m.group("sd")
+        if sd != "-":
+            structured: dict[str, dict[str, str]] = {}
+            for sd_id, params in _SD_ELEMENT.findall(sd):
+                structured[sd_id] = {k: re.sub(r"\\(.)", r"\1", v) for k, v in _SD_PARAM.findall(params)}
+            context["structured_data"] = structured
+        msg = m.group("msg") or ""
+        if msg.startswith("\ufeff"):
+            msg = msg[1:]
+        fields: dict[str, Any] = {"message": msg, "context": context}
+        if m.group("ts") != "-":
+            fields["timestamp"] = m.group("ts")
+        if level:
+            fields["level"] = level
+        return fields
+    m = _SYSLOG_3164.match(text)
+    if m:
+        level, context = _syslog_severity(m.group("pri"))
+        context["hostname"] = m.group("host")
+        context["appname"] = m.group("tag")
+        if m.group("pid"):
+            context["procid"] = m.group("pid")
+        month_name, day, clock = m.group("ts").split(None, 2)
+        month = _MONTHS.get(month_name)
+        if month is None:
+            return None
+        local_now = now or dt.datetime.now().astimezone()
+        hour, minute, second = (int(x) for x in clock.split(":"))
+        stamp = local_now.replace(month=month, day=int(day), hour=hour, minute=minute, second=second,
+                                  microsecond=0)
+        if stamp - local_now > dt.timedelta(days=1):
+            stamp = stamp.replace(year=stamp.year - 1)
+        fields = {"timestamp": stamp.isoformat(), "message": m.group("msg"), "context": context}
+        if level:
+            fields["level"] = level
+        return fields
+    return None
+
+
+_COMBINED = re.compile(
+    r'^(?P<ip>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]+)\] '
+    r'"(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+|-)'
+    r'(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
+    r'(?P<extra>.*)$'
+)
+_NUMBER = re.compile(r"(?:^|\s)(?:(?:rt|request_time|upstream_response_time)=)?(\d+(?:\.\d+)?)(?=\s|$)")
+
+
+def parse_combined(text: str) -> dict[str, Any] | None:
+    """The nginx/Apache combined log format, optionally followed by the request
+    time: seconds with a decimal point (nginx ``$request_time``) or integer
+    microseconds (Apache ``%D``)."""
+    m = _COMBINED.match(text)
+    if m is None:
+        return None
+    g = m.groupdict()
+    try:
+        stamp = dt.datetime.strptime(g["time"], "%d/%b/%Y:%H:%M:%S %z")
+    except ValueError:
+        return None
+    status = int(g["status"])
+    context: dict[str, Any] = {"status": status}
+    request = g["request"]
+    parts = request.split(" ")
+    if len(parts) == 3:
+        context["method"], context["path"], context["protocol"] = parts
+    if g["bytes"] != "-":
+        context["bytes"] = int(g["bytes"])
+    if g["user"] != "-":
+        context["remote_user"] = g["user"]
+    if g["referer"] and g["referer"] != "-":
+        context["referer"] = g["referer"]
+    fields: dict[str, Any] = {
+        "timestamp": stamp.isoformat(),
+        "level": "ERROR" if status >= 500 else "WARN" if status >= 400 else "INFO",
+        "message": f"{request} {status}",
+        "ip_address": g["ip"],
+        "context": context,
+    }
+    if g["agent"] and g["agent"] != "-":
+        fields["user_agent"] = g["agent"]
+    extra = (g["extra"] or "").strip()
+    if extra:
+        n = _NUMBER.search(extra)
+        if n:
+            value = n.group(1)
+            fields["duration_ms"] = float(value) * 1000.0 if "." in value else int(value) / 1000.0
+        else:
+            context["extra"] = extra
+    return fields

@@ -1,0 +1,486 @@
+"""Redaction of sensitive data in log records.
+
+Built-in rules: ``ssn``, ``credit_card``, ``email``, ``ipv4``, ``ipv6``,
+``secrets``; custom RE2 patterns from config; and key-based redaction of
+``context`` values (``password``, ``token``, …).
+
+Speed comes from a prefilter: one RE2 pattern that every rule's match must
+also match (a run of 13+ digits, ``ddd-dd-dddd``, ``eyJ``, ``password``, …).
+Text without a prefilter hit, the vast majority of log lines, costs one DFA
+scan; the rules themselves and their validators (Luhn plus issuer prefix and
+length for cards, the never-issued SSN ranges) run only on hits. The agent
+runs the prefilter once over a whole read chunk (:meth:`Redactor.hit_positions`)
+and redacts only the records of the lines it hit.
+
+Validation is what keeps false positives down: a digit run is a card only if
+Luhn holds *and* the prefix belongs to an issuer *and* the length fits that
+issuer, so order ids, UUID fragments and epoch-millisecond timestamps survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from bisect import bisect_right
+from collections.abc import Callable
+from itertools import accumulate
+from typing import Any
+
+import msgspec
+import re2
+
+from agent.config import RedactConfig
+from agent.wire import Record
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
+_OPTIONS.max_mem = 4 << 20
+
+
+def _compile(pattern: str | bytes) -> Any:
+    return re2.compile(pattern, _OPTIONS)
+
+
+# --- validators --------------------------------------------------------------
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a string of digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def card_issuer(digits: str) -> str | None:
+    """The issuer whose prefix and length rules ``digits`` fits, else ``None``."""
+    n = len(digits)
+    d1 = digits[0]
+    p2 = int(digits[:2])
+    p3 = int(digits[:3])
+    p4 = int(digits[:4])
+    if d1 == "4":
+        return "visa" if n in (13, 16, 19) else None
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return "mastercard" if n == 16 else None
+    if p2 in (34, 37):
+        return "amex" if n == 15 else None
+    if p4 == 6011 or 644 <= p3 <= 649 or p2 == 65:
+        return "discover" if 16 <= n <= 19 else None
+    if 3528 <= p4 <= 3589:
+        return "jcb" if 16 <= n <= 19 else None
+    if p2 in (36, 38) or 300 <= p3 <= 305:
+        return "diners" if 14 <= n <= 19 else None
+    if p2 == 62:
+        return "unionpay" if 16 <= n <= 19 else None
+    return None
+
+
+def is_card_number(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and card_issuer(digits) is not None and luhn_valid(digits)
+
+
+def is_ssn(area: str, group: str, serial: str) -> bool:
+    """Whether an SSN could have been issued (area 000, 666, 900–999, group 00
+    and serial 0000 never are)."""
+    a = int(area)
+    return a != 0 and a != 666 and a < 900 and group != "00" and serial != "0000"
+
+
+# --- rules ------------------------------------------------------------------
+
+_Replace = Callable[[str, str], str]  # (rule, matched text) -> replacement
+
+
+class _Rule:
+    """A named pattern; ``apply`` substitutes the matches it accepts."""
+
+    def __init__(self, name: str, pattern: str, prefilter: str, engine: str = "re2") -> None:
+        self.name = name
+        # Digit rules use Python's re: their patterns cannot backtrack badly,
+        # and on the short strings the prefilter picks, re's C-level sub with a
+        # callback costs a fraction of the RE2 binding's per-match overhead.
+        self.regex: Any = re.compile(pattern) if engine == "re" else _compile(pattern)
+        self.prefilter = prefilter
+        self.prefilter_regex: Any = _compile(prefilter)
+
+    def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        def sub(m: Any) -> str:
+            count[0] += 1
+            return replace(self.name, m.group(0))
+
+        return str(self.regex.sub(sub, text))
+
+
+_DIGIT_GROUP = re.compile(r"\d+")
+
+
+def card_windows(run: str) -> list[tuple[int, int]]:
+    """Spans of valid card numbers in a run of digits with single space/dash
+    separators: the run is split at its separators and, left to right, the
+    longest sequence of whole groups that is a valid card number is taken.
+    Contiguous digits are never split: 20 glued digits are an id, not a card."""
+    groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(run)]
+    found: list[tuple[int, int]] = []
+    i = 0
+    while i < len(groups):
+        for j in range(len(groups) - 1, i - 1, -1):
+            start, end = groups[i][0], groups[j][1]
+            digits = run[start:end].replace(" ", "").replace("-", "")
+            if len(digits) < 13:
+                j = -1
+                break
+            if len(digits) <= 19 and is_card_number(digits):
+                break
+        else:
+            j = -1
+        if j < 0:
+            i += 1
+            continue
+        found.append((groups[i][0], groups[j][1]))
+        i = j + 1
+    return found
+
+
+class _CardRule(_Rule):
+    # A maximal run of digits with single space/dash separators; see
+    # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
+    # keep their other numbers.
+    def __init__(self) -> None:
+        super().__init__("credit_card", r"\d(?:[ -]?\d){12,}", r"\d(?:[ -]?\d){12}", engine="re")
+
+    def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        def sub(m: Any) -> str:
+            run = m.group(0)
+            windows = card_windows(run)
+            if not windows:
+                return str(run)
+            out: list[str] = []
+            pos = 0
+            for start, end in windows:
+                out.append(run[pos:start])
+                out.append(replace(self.name, run[start:end]))
+                count[0] += 1
+                pos = end
+            out.append(run[pos:])
+            return "".join(out)
+
+        return str(self.regex.sub(sub, text))
+
+
+class _SsnRule(_Rule):
+    def __init__(self) -> None:
+        # Digits glued on either side make it some other number; they are
+        # captured so the callback can refuse the match.
+        super().__init__(
+            "ssn",
+            r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
+            r"\d{3}[- ]\d{2}[- ]\d{4}",
+            engine="re",
+        )
+
+    def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        def sub(m: Any) -> str:
+            before, area, sep1, group, sep2, serial, after = m.groups()
+            if before or after or sep1 != sep2 or not is_ssn(area, group, serial):
+                return str(m.group(0))
+            count[0] += 1
+            return str(replace(self.name, f"{area}-{group}-{serial}"))
+
+        return str(self.regex.sub(sub, text))
+
+
+class _ValueRule(_Rule):
+    """A rule whose pattern has groups (keep, value, keep): only the value is replaced."""
+
+    def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        def sub(m: Any) -> str:
+            groups = m.groups()
+            # Alternatives each have three groups (prefix, secret, suffix);
+            # the first group that took part in the match opens the alternative.
+            for base in range(0, len(groups), 3):
+                if groups[base] is not None:
+                    prefix, secret, suffix = groups[base], groups[base + 1], groups[base + 2]
+                    break
+            else:
+                count[0] += 1
+                return replace(self.name, m.group(0))
+            count[0] += 1
+            quote = ""
+            if len(secret) >= 2 and secret[0] in "\"'" and secret[-1] == secret[0]:
+                quote, secret = secret[0], secret[1:-1]
+            return f"{prefix}{quote}{replace(self.name, secret)}{quote}{suffix}"
+
+        return str(self.regex.sub(sub, text))
+
+
+class _IpRule(_Rule):
+    def __init__(self, name: str, pattern: str, prefilter: str) -> None:
+        super().__init__(name, pattern, prefilter)
+
+    def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        def sub(m: Any) -> str:
+            value = m.group(0)
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                return str(value)
+            count[0] += 1
+            return replace(self.name, value)
+
+        return str(self.regex.sub(sub, text))
+
+
+_SECRET_KEYS = (
+    r"password|passwd|pwd|passphrase|secret|client_secret|token|access_token|refresh_token|api[_-]?key"
+    r"|apikey|auth_token|private_key|secret_key|access_key"
+)
+
+# (prefix, secret, suffix) per alternative; see _ValueRule.
+_SECRETS = "|".join(
+    [
+        # private key blocks, whole
+        r"()(-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY-----)()",
+        # JWTs
+        r"()(eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,})()",
+        # Authorization: Bearer/Basic credentials
+        r"((?i:\bbearer\s+|authorization\W{1,3}basic\s+))([A-Za-z0-9._~+/=-]{8,})()",
+        # AWS access key ids
+        r"()(\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b)()",
+        # GitHub, Slack, Stripe, Google API keys
+        r"()(\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+        r"|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_-]{35}))()",
+        # passwords in URLs: scheme://user:password@host
+        r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]+:)([^\s/@]+)(@)",
+        # key=value, key: value, "key": "value"
+        r"((?i:\b[A-Za-z0-9_.-]*?(?:" + _SECRET_KEYS + r"))\\?[\"']?\s*[=:]\s*)"
+        r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|\\\"[^\"\\]*\\\"|[^\s\"',;&}\\]+)()",
+    ]
+)
+_SECRETS_PREFILTER = (
+    r"PRIVATE KEY|eyJ|(?i:bearer|basic|token|passw|pwd|secret|api.?key|apikey|private|access.?key)"
+    r"|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|gh[pousr]_|github_pat_|xox[abprs]-|k_live_|k_test_|AIza"
+    r"|://[^\s/:@]+:[^\s/@]+@"
+)
+
+
+def _builtin_rules() -> dict[str, _Rule]:
+    return {
+        "ssn": _SsnRule(),
+        "credit_card": _CardRule(),
+        "email": _Rule(
+            "email",
+            r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+            r"@",
+        ),
+        "ipv4": _IpRule(
+            "ipv4",
+            r"\b(?:\d{1,3}\.){3}\d{1,3}\b",
+            r"\d\.\d{1,3}\.\d{1,3}\.\d",
+        ),
+        "ipv6": _IpRule(
+            "ipv6",
+            r"(?i:\b(?:[0-9a-f]{1,4}:){2,7}(?::|[0-9a-f]{1,4})(?::[0-9a-f]{1,4})*\b|::(?:[0-9a-f]{1,4}:?){1,7})",
+            r"(?i:[0-9a-f]{0,4}:[0-9a-f]{0,4}:[0-9a-f]{0,4})",
+        ),
+        "secrets": _ValueRule("secrets", _SECRETS, _SECRETS_PREFILTER),
+    }
+
+
+_json_encode = msgspec.json.Encoder().encode
+_DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d)*")
+_SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}")
+_TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
+
+
+def _normalise_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+class Redactor:
+    """Applies the configured rules. ``counts`` holds matches redacted per rule
+    (``key`` for key-based redaction of context values) since creation."""
+
+    def __init__(self, cfg: RedactConfig) -> None:
+        self.enabled = cfg.enabled
+        self.counts: dict[str, int] = {}
+        builtins = _builtin_rules()
+        self._rules: list[_Rule] = []
+        for rule_name in cfg.rules:
+            # secrets first: a card inside a JWT or URL password is one secret, not two.
+            self._rules.append(builtins[rule_name])
+        self._rules.sort(key=lambda r: r.name != "secrets")
+        for custom in cfg.custom:
+            self._rules.append(_Rule(custom.name, custom.pattern, custom.pattern))
+        self._modes: dict[str, str] = {r.name: cfg.mode for r in self._rules}
+        self._modes["key"] = cfg.mode
+        for custom in cfg.custom:
+            if custom.mode:
+                self._modes[custom.name] = custom.mode
+        self._modes.update(cfg.modes)
+        self._hash_key = cfg.hash_key.encode()
+        self._keys = {_normalise_key(k) for k in cfg.keys}
+        self._key_suffixes = tuple("_" + k for k in self._keys)
+        for name in self._modes:
+            self.counts[name] = 0
+        parts = [f"(?:{r.prefilter})" for r in self._rules]
+        # Key names make a line worth a look too (context keys), and escaped
+        # digits (\u0034) could hide a number from the digit patterns.
+        key_words = sorted({k for k in self._keys} | {k.replace("_", "-") for k in self._keys})
+        if key_words:
+            parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
+        parts.append(r"\\u00[3-9]")
+        self.active = self.enabled and bool(self._rules or self._keys)
+        combined = "|".join(parts) if parts else "$^"
+        self._prefilter = _compile(combined)
+        # Short strings (one record's fields): Python's re has less call overhead.
+        # Custom patterns are user input, so with any, RE2 stays in charge.
+        self._prefilter_bytes = _compile(combined.encode())
+        # For whole chunks: digit runs (the card prefilter) in a group of their
+        # own, so a run that holds no valid card and no SSN (UUID fragments,
+        # long ids, epoch milliseconds) can be dismissed without redacting the record.
+        self._cards_only = any(r.name == "credit_card" for r in self._rules)
+        if self._cards_only:
+            others = [p for r, p in zip(self._rules, parts, strict=False) if r.name != "credit_card"]
+            others += parts[len(self._rules):]
+            self._chunk_prefilter = _compile(
+                (r"(\d(?:[ -]?\d){12})|" + "|".join(others)).encode() if others else rb"(\d(?:[ -]?\d){12})")
+
+    @classmethod
+    def from_config(cls, cfg: RedactConfig) -> Redactor:
+        return cls(cfg)
+
+    # --- replacement ---------------------------------------------------------
+
+    def _replace(self, rule: str, value: str) -> str:
+        mode = self._modes.get(rule, "mask")
+        if mode == "hash":
+            canonical = value
+            if rule in ("credit_card", "ssn"):
+                canonical = "".join(ch for ch in value if ch.isdigit())
+            digest = hmac.new(self._hash_key, f"{rule}:{canonical}".encode(), hashlib.sha256).hexdigest()
+            return f"[REDACTED:{rule}:{digest[:16]}]"
+        if mode == "partial":
+            kept = "".join(ch for ch in value if ch.isalnum())[-4:]
+            if len(kept) * 2 > len(value):
+                kept = ""
+            return f"[REDACTED:{rule}:…{kept}]" if kept else f"[REDACTED:{rule}]"
+        return f"[REDACTED:{rule}]"
+
+    # --- text ------------------------------------------------------------------
+
+    def might_match(self, text: str) -> bool:
+        """Whether ``text`` could contain anything to redact (the prefilter)."""
+        return self.active and self._prefilter.search(text) is not None
+
+    def hit_positions(self, data: bytes) -> list[int]:
+        """Byte offsets in ``data`` where the prefilter matches; lines without
+        one need no redaction."""
+        if not self.active:
+            return []
+        if not self._cards_only:
+            return [m.start() for m in self._prefilter_bytes.finditer(data)]
+        hits = []
+        for m in self._chunk_prefilter.finditer(data):
+            start = m.start()
+            if m.group(1) is not None:
+                run = _DIGIT_RUN.match(data, start)
+                text = run.group(0).decode() if run else ""
+                if not card_windows(text) and not _SSN_SHAPE.search(text):
+                    continue
+            hits.append(start)
+        return hits
+
+    def redact_text(self, text: str) -> str:
+        """``text`` with every match of every rule replaced."""
+        if not self.active or not text:
+            return text
+        if self._prefilter.search(text) is None:
+            return text
+        for rule in self._rules:
+            if rule.prefilter_regex.search(text) is None:
+                continue
+            count = [0]
+            text = rule.apply(text, self._replace, count)
+            if count[0]:
+                self.counts[rule.name] += count[0]
+        return text
+
+    def _is_sensitive_key(self, key: str) -> bool:
+        k = _normalise_key(key)
+        return k in self._keys or k.endswith(self._key_suffixes)
+
+    def redact_value(self, value: Any) -> Any:
+        """A JSON-like value with strings redacted, recursively; values under
+        sensitive keys are replaced whole."""
+        if isinstance(value, str):
+            return self.redact_text(value)
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            for k, v in value.items():
+                if isinstance(k, str) and self._keys and self._is_sensitive_key(k) and v not in (None, ""):
+                    self.counts["key"] += 1
+                    text = v if isinstance(v, str) else msgspec.json.encode(v).decode()
+                    out[k] = self._replace("key", text)
+                else:
+                    out[k] = self.redact_value(v)
+            return out
+        if isinstance(value, list):
+            return [self.redact_value(v) for v in value]
+        return value
+
+    def redact_record(self, record: Record) -> Record:
+        """A copy of ``record`` with message, context (values, recursively, and
+        by key), error_stack, tags and the free-text identity fields redacted.
+        Returns ``record`` itself when nothing needed redaction."""
+        if not self.active:
+            return record
+        # One prefilter scan over every text field at once; most records stop
+        # here, and on a hit only the fields the hits fall in are redacted.
+        texts: list[tuple[str, str]] = [(name, value) for name in _TEXT_FIELDS
+                                        if (value := getattr(record, name))]
+        texts.extend(("tags", tag) for tag in record.tags or ())
+        probe = "\x00".join(value for _, value in texts)
+        hit_fields: set[str] = set()
+        if probe:
+            first = self._prefilter.search(probe)
+            if first is not None and not probe.isascii():
+                hit_fields = {name for name, _ in texts}  # offsets may count bytes: redact every field
+            elif first is not None:
+                # One search per field with a hit: the binding's match objects are costly.
+                ends = list(accumulate(len(value) + 1 for _, value in texts))
+                found: Any = first
+                while found is not None:
+                    index = bisect_right(ends, found.start())
+                    if index >= len(texts):
+                        break
+                    hit_fields.add(texts[index][0])
+                    found = self._prefilter.search(probe, ends[index])
+        context_hit = bool(record.context) and self._prefilter_bytes.search(_json_encode(record.context)) is not None
+        if not hit_fields and not context_hit:
+            return record
+        changes: dict[str, Any] = {}
+        for name in _TEXT_FIELDS:
+            if name in hit_fields:
+                value = getattr(record, name)
+                redacted = self.redact_text(value)
+                if redacted != value:
+                    changes[name] = redacted
+        if "tags" in hit_fields and record.tags:
+            tags = [self.redact_text(t) for t in record.tags]
+            if tags != record.tags:
+                changes["tags"] = tags
+        if context_hit:
+            context = self.redact_value(record.context)
+            if context != record.context:
+                changes["context"] = context
+        if not changes:
+            return record
+        return msgspec.structs.replace(record, **changes)

@@ -1,0 +1,817 @@
+"""The running agent: read, parse, redact, batch, spool, ship, checkpoint.
+
+The composition root of the agent. One event loop does the work:
+
+- the read loop discovers files, reads complete lines chunk by chunk (round
+  robin over files), turns them into records (:class:`SourcePipeline`) and
+  fills the open batch, closing it at ``max_wait``, ``max_records`` or
+  ``max_bytes``;
+- a closed batch is encoded (msgpack, zstd), written to the spool, and queued;
+- ``max_in_flight`` ship workers deliver queued batches (:mod:`agent.shipper`);
+- an acknowledged batch marks its file ranges done; a file's checkpoint
+  advances over the done ranges in order, is written atomically, and only
+  then are the covered spool files removed.
+
+Back-pressure: reading pauses while ``max_in_flight`` batches are unacknowledged
+(or, with ``spool.max_bytes``, while the spool is full), so memory stays
+bounded and the files on disk are the buffer. Rotated files stay open until
+read to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from bisect import bisect_right
+from collections import deque
+from itertools import accumulate
+from operator import add
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.checkpoint import CheckpointFile, CheckpointStore
+from agent.config import AgentConfig, SourceConfig
+from agent.metrics import AgentMetrics
+from agent.multiline import MultilineJoiner
+from agent.parsers import LineParser
+from agent.redact import Redactor
+from agent.shipper import Delivery, Shipper, Stopped
+from agent.spool import FileRange, Spool, SpooledBatch
+from agent.tailer import Chunk, Tailer, TrackedFile
+from agent.wire import Batch, Record, decode_msgpack_batch, encode_batch
+
+log = logging.getLogger("logferry.agent")
+
+
+class SourcePipeline:
+    """Lines of one source to redacted records."""
+
+    def __init__(self, cfg: SourceConfig, host: str, redactor: Redactor, metrics: AgentMetrics) -> None:
+        self.cfg = cfg
+        self.parser = LineParser(cfg, host)
+        self.redactor = redactor
+        self.metrics = metrics
+
+    def joiner_for(self, tracked: Any) -> MultilineJoiner | None:
+        if self.cfg.multiline is None:
+            return None
+        joiner = getattr(tracked, "joiner", None)
+        if not isinstance(joiner, MultilineJoiner):
+            joiner = MultilineJoiner(self.cfg.multiline)
+            tracked.joiner = joiner
+        return joiner
+
+    def process(self, tracked: Any, chunk: Chunk, file: str | None, now: float) -> tuple[list[Record], int]:
+        """Records of a chunk and the offset up to which they cover the file
+        (less than ``chunk.end`` while a multiline entry is pending)."""
+        self.metrics.lines_read += len(chunk.lines)
+        self.metrics.bytes_read += chunk.end - chunk.starts[0] if chunk.starts else 0
+        self.metrics.lines_truncated += chunk.truncated
+        joiner = self.joiner_for(tracked)
+        errors_before = self.parser.errors
+        if joiner is None:
+            records = self.parser.parse_lines(chunk.lines, chunk.starts, file)
+            records = self._redact_hits(records, chunk)
+            end = chunk.end
+        else:
+            records = []
+            decode = self.parser.decode
+            starts = chunk.starts
+            for i, line in enumerate(chunk.lines):
+                line_end = starts[i + 1] if i + 1 < len(starts) else chunk.end
+                for first, rest, start, _ in joiner.feed(decode(line), starts[i], line_end, now):
+                    records.append(self.parser.parse_entry(first, rest, start, file))
+            records = [self.redactor.redact_record(r) for r in records]
+            pending = joiner.pending_start
+            end = chunk.end if pending is None else pending
+        self.metrics.parse_errors += self.parser.errors - errors_before
+        return records, end
+
+    def _redact_hits(self, records: list[Record], chunk: Chunk) -> list[Record]:
+        redactor = self.redactor
+        if not redactor.active:
+            return records
+        hits = redactor.hit_positions(chunk.data[: chunk.end - chunk.starts[0]]) if chunk.starts else []
+        if not hits:
+            return records
+        base = chunk.starts[0]
+        starts = chunk.starts
+        hit_offsets = {starts[bisect_right(starts, base + pos) - 1] for pos in hits}
+        if len(records) == len(starts):
+            for i, start in enumerate(starts):
+                if start in hit_offsets:
+                    records[i] = redactor.redact_record(records[i])
+        else:
+            for i, record in enumerate(records):
+                if record.offset in hit_offsets:
+                    records[i] = redactor.redact_record(record)
+        return records
+
+    def flush(self, tracked: Any, file: str | None) -> list[Record]:
+        """The pending multiline entry, as a record."""
+        joiner = self.joiner_for(tracked)
+        if joiner is None:
+            return []
+        entries = joiner.flush()
+        records = [self.parser.parse_entry(first, rest, start, file) for first, rest, start, _ in entries]
+        return [self.redactor.redact_record(r) for r in records]
+
+
+class _Marker:
+    """One batch's share of one file: lines up to ``end``."""
+
+    __slots__ = ("batch", "done", "end")
+
+    def __init__(self, end: int, batch: PendingBatch) -> None:
+        self.end = end
+        self.done = False
+        self.batch = batch
+
+
+class PendingBatch:
+    """A spooled batch not yet acknowledged, or acknowledged but not yet
+    covered by the checkpoint."""
+
+    __slots__ = ("batch_id", "body", "content_encoding", "markers", "raw_bytes", "records", "seq",
+                 "uncommitted")
+
+    def __init__(self, spooled: SpooledBatch, keep_body: bool) -> None:
+        self.seq = spooled.seq
+        self.batch_id = spooled.batch_id
+        self.records = spooled.records
+        self.raw_bytes = spooled.raw_bytes
+        self.content_encoding = spooled.content_encoding
+        self.body: bytes | None = spooled.body if keep_body else None
+        self.markers: list[tuple[str, _Marker]] = []
+        self.uncommitted = 0
+
+
+class _OpenBatch:
+    __slots__ = ("opened", "ranges", "raw_bytes", "records")
+
+    def __init__(self, now: float) -> None:
+        self.records: list[Record] = []
+        self.ranges: dict[str, int] = {}
+        self.raw_bytes = 0
+        self.opened = now
+
+
+class Agent:
+    """Runs until :meth:`request_stop`; see the module docstring."""
+
+    def __init__(self, cfg: AgentConfig, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.host = cfg.host or socket.gethostname()
+        self.state_dir = Path(cfg.state_dir)
+        self.metrics = AgentMetrics()
+        self.redactor = Redactor.from_config(cfg.redact)
+        self.metrics.redactions = lambda: dict(self.redactor.counts)
+        self.metrics.file_lag = self._file_lag
+        self.pipelines = [SourcePipeline(s, self.host, self.redactor, self.metrics) for s in cfg.sources]
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._reload_requested = False
+        self._open: _OpenBatch | None = None
+        self._queue: deque[PendingBatch] = deque()
+        self._queued = asyncio.Event()
+        self._unacked = 0
+        self._pending_by_file: dict[str, deque[_Marker]] = {}
+        self._removable: list[PendingBatch] = []
+        self._dirty = False
+        self._committed = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._spooling: set[asyncio.Task[None]] = set()
+        self._commit_lock = threading.Lock()
+        self._compress: Any = None
+        self.content_encoding = "identity"
+        self.exit_code = 0
+
+    # --- setup -----------------------------------------------------------------
+
+    def _lock_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another agent is running with state_dir {self.state_dir}") from None
+        self._lock_fd = fd
+
+    def _setup_compression(self) -> None:
+        kind = self.cfg.collector.compression
+        if kind == "zstd":
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=1)
+            self._compress = compressor.compress
+            self.content_encoding = "zstd"
+        elif kind == "gzip":
+            import gzip
+
+            self._compress = lambda data: gzip.compress(data, compresslevel=1)
+            self.content_encoding = "gzip"
+        else:
+            self._compress = lambda data: data
+            self.content_encoding = "identity"
+
+    def _restore(self) -> None:
+        self.store = CheckpointStore(self.state_dir)
+        saved = self.store.load()
+        self.state = saved or CheckpointFile(agent_id=str(uuid.uuid4()))
+        if not self.state.agent_id:
+            self.state.agent_id = str(uuid.uuid4())
+        self.spool = Spool(self.state_dir / "spool")
+        self.tailer = Tailer(self.cfg.sources, saved, self.cfg.read_chunk)
+        self._resume_at: dict[str, int] = {}
+        for spooled in self.spool.load():
+            pending = PendingBatch(spooled, keep_body=False)
+            for file_range in spooled.ranges:
+                marker = _Marker(file_range.end, pending)
+                pending.markers.append((file_range.file_id, marker))
+                pending.uncommitted += 1
+                self._pending_by_file.setdefault(file_range.file_id, deque()).append(marker)
+                self._resume_at[file_range.file_id] = max(self._resume_at.get(file_range.file_id, 0),
+                                                          file_range.end)
+            self._queue.append(pending)
+            self._unacked += 1
+        if self._queue:
+            log.info("re-sending %d spooled batches", len(self._queue))
+            self._queued.set()
+        if saved is None:
+            self.store.save(self.state)
+
+    # --- files -------------------------------------------------------------------
+
+    def _file_lag(self) -> list[tuple[str, str, int]]:
+        out = []
+        for tracked in self.tailer.files.values():
+            if tracked.closed:
+                continue
+            source = self.cfg.sources[tracked.source_index].source \
+                if tracked.source_index < len(self.cfg.sources) else ""
+            out.append((source, tracked.path, max(0, tracked.size - tracked.acked)))
+        return out
+
+    def _adopt(self, tracked: TrackedFile) -> None:
+        resume = self._resume_at.pop(tracked.id, None)
+        if resume is not None and resume > tracked.pos:
+            tracked.pos = resume
+        tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
+        self._pending_by_file.setdefault(tracked.id, deque())
+        self._dirty = True
+        # A new file's id is random: it must be in the checkpoint before any of
+        # its lines can be spooled, or after a kill -9 the restarted agent would
+        # give the file a new id, miss the spooled batches' resume points, and
+        # read the file again from 0 into new batches (duplicates).
+        self.commit()
+
+    def _discover(self, now: float) -> None:
+        for tracked in self.tailer.discover(now):
+            self._adopt(tracked)
+        for tracked in list(self.tailer.files.values()):
+            if tracked.closed:
+                if not self._pending_by_file.get(tracked.id) and self._gone(tracked):
+                    self.tailer.forget(tracked)
+                    self._pending_by_file.pop(tracked.id, None)
+                    self._dirty = True
+                continue
+            if not tracked.unmatched and tracked.source_index < len(self.pipelines):
+                tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
+        self.metrics.files_open = sum(1 for f in self.tailer.files.values() if not f.closed)
+
+    @staticmethod
+    def _gone(tracked: TrackedFile) -> bool:
+        try:
+            st = os.stat(tracked.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != (tracked.dev, tracked.ino)
+
+    def _finished(self, tracked: TrackedFile, now: float) -> bool:
+        gone = tracked.rotated or tracked.deleted or tracked.unmatched
+        return gone and tracked.carry is None and tracked.pos >= tracked.size \
+            and now - tracked.last_growth >= self.cfg.release_after
+
+    def _has_room(self) -> bool:
+        if self._unacked < self.cfg.collector.max_in_flight:
+            return True
+        return bool(self.cfg.spool.max_bytes) and self.spool.used_bytes < self.cfg.spool.max_bytes
+
+    def _read_files(self, now: float) -> bool:
+        """One round over the open files; whether anything was read."""
+        progressed = False
+        max_records = self.cfg.batch.max_records
+        for tracked in list(self.tailer.files.values()):
+            if tracked.closed:
+                continue
+            pipeline: SourcePipeline = tracked.pipeline  # type: ignore[attr-defined]
+            if not self._has_room():
+                break
+            if tracked.carry is None and self.tailer.check_truncation(tracked):
+                # What was read of the old content goes out under the old id.
+                self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
+                tracked = self.tailer.renew(tracked)
+                self._adopt(tracked)
+            if tracked.carry is not None:
+                records, end, raw = tracked.carry
+                tracked.carry = None
+                self._add(records, tracked.id, end, raw, now, max_records, tracked)
+                progressed = True
+            budget = 8  # chunks per file per round, so one busy file cannot starve the rest
+            while budget and self._has_room() and tracked.carry is None:
+                budget -= 1
+                chunk = self.tailer.read(tracked, pipeline.cfg.max_line)
+                if chunk is None:
+                    break
+                progressed = True
+                tracked.last_growth = now
+                records, end = pipeline.process(tracked, chunk, tracked.path, now)
+                self._add(records, tracked.id, end, chunk.end - (chunk.starts[0] if chunk.starts else 0),
+                          now, max_records, tracked)
+            joiner = getattr(tracked, "joiner", None)
+            if isinstance(joiner, MultilineJoiner) and joiner.due(now):
+                self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
+            if self._finished(tracked, now):
+                chunk = self.tailer.read_partial(tracked)
+                if chunk is not None:
+                    records, end = pipeline.process(tracked, chunk, tracked.path, now)
+                    self._add(records, tracked.id, end, len(chunk.data), now, max_records)
+                self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
+                self.tailer.release(tracked)
+        return progressed
+
+    # --- batches ------------------------------------------------------------------
+
+    def _add(self, records: list[Record], file_id: str | None, end: int | None, raw_bytes: int, now: float,
+             max_records: int, tracked: TrackedFile | None = None) -> None:
+        """Put records into the open batch, closing it whenever it is full.
+        ``end``: the file offset the records cover up to."""
+        max_bytes = self.cfg.batch.max_bytes
+        per_record = raw_bytes / len(records) if records else 0
+        while True:
+            batch = self._open
+            if batch is None:
+                if not records:
+                    if file_id is not None and end is not None and file_id in self._pending_by_file:
+                        # Nothing to send (blank lines, a pending multiline entry)
+                        # but the offset may still move: ride on the next batch.
+                        batch = self._open = _OpenBatch(now)
+                    else:
+                        return
+                else:
+                    batch = self._open = _OpenBatch(now)
+            room = max_records - len(batch.records)
+            if per_record:
+                room = min(room, max(1, int((max_bytes - batch.raw_bytes) / per_record)))
+            if len(records) <= room:
+                batch.records.extend(records)
+                batch.raw_bytes += int(per_record * len(records)) if records else raw_bytes
+                if file_id is not None and end is not None:
+                    batch.ranges[file_id] = end
+                if len(batch.records) >= max_records or batch.raw_bytes >= max_bytes:
+                    self._close_batch()
+                return
+            head, records = records[:room], records[room:]
+            batch.records.extend(head)
+            batch.raw_bytes += int(per_record * len(head))
+            next_start = records[0].offset
+            if file_id is not None and next_start is not None:
+                batch.ranges[file_id] = next_start
+            self._close_batch()
+            if tracked is not None and not self._has_room():
+                # Back-pressure inside a chunk: the rest waits on the file
+                # (at most one chunk per file) until there is room.
+                tracked.carry = (records, end, int(per_record * len(records)))
+                return
+
+    def _close_batch(self) -> None:
+        batch = self._open
+        self._open = None
+        if batch is None or (not batch.records and not batch.ranges):
+            return
+        if not batch.records:
+            # Only offsets moved (blank lines): nothing to ship, advance directly.
+            self._advance_without_batch(batch.ranges)
+            return
+        batch_id = str(uuid.uuid4())
+        body = self._compress(encode_batch(Batch(self.state.agent_id, batch_id, self.host, batch.records)))
+        spooled = SpooledBatch(self.spool.next_seq(), batch_id, len(batch.records), batch.raw_bytes,
+                               [FileRange(fid, end) for fid, end in batch.ranges.items()], time.time(),
+                               self.content_encoding, body)
+        pending = PendingBatch(spooled, keep_body=True)
+        for file_id, end in batch.ranges.items():
+            marker = _Marker(end, pending)
+            pending.markers.append((file_id, marker))
+            pending.uncommitted += 1
+            self._pending_by_file.setdefault(file_id, deque()).append(marker)
+        self._unacked += 1
+        self.metrics.batches_pending = self._unacked
+        if self._unacked > self.cfg.collector.max_in_flight * 2:
+            pending.body = None  # waits on disk only
+        # The fsync happens off the event loop; the batch is queued for
+        # sending only once it is durable.
+        task = asyncio.get_running_loop().create_task(self._spool_then_queue(spooled, pending))
+        self._spooling.add(task)
+        task.add_done_callback(self._spooling.discard)
+
+    async def _spool_then_queue(self, spooled: SpooledBatch, pending: PendingBatch) -> None:
+        await asyncio.to_thread(self.spool.write, spooled)
+        self._queue.append(pending)
+        self._queued.set()
+
+    def _advance_without_batch(self, ranges: dict[str, int]) -> None:
+        for file_id, end in ranges.items():
+            markers = self._pending_by_file.get(file_id)
+            tracked = self.tailer.files.get(file_id)
+            if tracked is None:
+                continue
+            if not markers:
+                tracked.acked = max(tracked.acked, end)
+                self._dirty = True
+            else:
+                # Behind unacknowledged batches: a done marker of its own.
+                phantom = PendingBatch.__new__(PendingBatch)
+                phantom.seq = -1
+                phantom.uncommitted = 1
+                marker = _Marker(end, phantom)
+                marker.done = True
+                markers.append(marker)
+
+    # --- acknowledgements ---------------------------------------------------------
+
+    def _acknowledge(self, pending: PendingBatch) -> None:
+        self._unacked -= 1
+        self.metrics.batches_pending = self._unacked
+        if not pending.markers:
+            self._removable.append(pending)
+        for _, marker in pending.markers:
+            marker.done = True
+        for file_id, _ in pending.markers:
+            markers = self._pending_by_file.get(file_id)
+            if markers is None:
+                continue
+            tracked = self.tailer.files.get(file_id)
+            while markers and markers[0].done:
+                marker = markers.popleft()
+                if tracked is not None and marker.end > tracked.acked:
+                    tracked.acked = marker.end
+                owner = marker.batch
+                owner.uncommitted -= 1
+                if owner.uncommitted == 0 and owner.seq >= 0:
+                    self._removable.append(owner)
+        self._dirty = True
+        self._wake.set()
+
+    def _checkpoint_state(self) -> CheckpointFile:
+        files = {}
+        for file_id, entry in self.tailer.saved.items():
+            files[file_id] = entry
+        for tracked in self.tailer.files.values():
+            files[tracked.id] = tracked.checkpoint()
+        return CheckpointFile(agent_id=self.state.agent_id, files=files)
+
+    def _commit_snapshot(self) -> tuple[CheckpointFile, list[PendingBatch]]:
+        self._dirty = False
+        removable, self._removable = self._removable, []
+        return self._checkpoint_state(), removable
+
+    def _write_commit(self, state: CheckpointFile, removable: list[PendingBatch]) -> None:
+        """Write the checkpoint, then drop the spool files it covers. A cancelled
+        commit task leaves its thread running: the lock keeps writers in turn."""
+        with self._commit_lock:
+            self.store.save(state)
+            for pending in removable:
+                self.spool.remove(pending.seq)
+
+    def commit(self) -> None:
+        if self._dirty:
+            self._write_commit(*self._commit_snapshot())
+        self.metrics.spool_bytes = self.spool.used_bytes
+
+    async def _commit_loop(self) -> None:
+        # A few checkpoint writes a second: each is two fsyncs, and a crash
+        # between them only means re-sending spooled batches (deduplicated).
+        while True:
+            await asyncio.sleep(0.2)
+            if self._dirty:
+                # The snapshot is taken on the loop; the fsyncs happen in a thread.
+                await asyncio.to_thread(self._write_commit, *self._commit_snapshot())
+                self.metrics.spool_bytes = self.spool.used_bytes
+
+    # --- shipping --------------------------------------------------------------------
+
+    async def _ship_worker(self, shipper: Shipper) -> None:
+        while True:
+            while not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+            pending = self._queue.popleft()
+            body = pending.body
+            if body is None:
+                body = self.spool.read_body(pending.seq).body
+            try:
+                delivery = await shipper.deliver(body, pending.content_encoding)
+            except Stopped:
+                self._queue.appendleft(pending)
+                return
+            self._delivered(pending, body, delivery)
+            pending.body = None
+
+    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery) -> None:
+        if delivery.stored:
+            answer = delivery.response
+            self.metrics.batches_shipped += 1
+            rejected = answer.rejected if answer is not None else []
+            if answer is not None and answer.duplicate:
+                self.metrics.batches_duplicate += 1
+            self.metrics.records_shipped += pending.records - len(rejected)
+            if rejected:
+                self.metrics.records_rejected += len(rejected)
+                self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
+        else:
+            self.metrics.batches_dead_lettered += 1
+            log.error("batch %s dead-lettered: %s", pending.batch_id, delivery.reason)
+            self._dead_letter(pending, body, delivery.reason, None)
+        self._acknowledge(pending)
+
+    def _dead_letter(self, pending: PendingBatch, body: bytes, reason: str,
+                     rejected: list[dict[str, Any]] | None) -> None:
+        """Append the batch's records (or only the rejected ones) to
+        ``state_dir/dead-letter.ndjson``, each with the collector's reason."""
+        try:
+            raw = self._decompress(body, pending.content_encoding)
+            records = [r for _, r in decode_msgpack_batch(raw).records]
+        except Exception as exc:  # the body is ours; still keep what we can
+            log.error("cannot decode dead-lettered batch %s: %s", pending.batch_id, exc)
+            records = []
+        reasons: dict[int, str] = {}
+        if rejected is not None:
+            for item in rejected:
+                index = item.get("index")
+                if isinstance(index, int):
+                    reasons[index] = str(item.get("error", ""))
+        now = time.time()
+        lines = []
+        encoder = msgspec.json.Encoder()
+        for index, record in enumerate(records):
+            if rejected is not None and index not in reasons:
+                continue
+            lines.append(encoder.encode({"time": now, "batch_id": pending.batch_id, "index": index,
+                                         "reason": reasons.get(index, reason), "record": record}))
+        if not records:
+            lines.append(encoder.encode({"time": now, "batch_id": pending.batch_id, "reason": reason,
+                                         "body_hex": body[:65536].hex()}))
+        path = self.state_dir / "dead-letter.ndjson"
+        with open(path, "ab") as out:
+            out.write(b"\n".join(lines) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    @staticmethod
+    def _decompress(body: bytes, encoding: str) -> bytes:
+        if encoding == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompress(body, max_output_size=512 * 1024 * 1024)
+        if encoding == "gzip":
+            import gzip
+
+            return gzip.decompress(body)
+        return body
+
+    # --- stdin ---------------------------------------------------------------------------
+
+    def _stdin_source(self) -> int | None:
+        for index, source in enumerate(self.cfg.sources):
+            if source.path == "-":
+                return index
+        return None
+
+    async def _read_stdin(self, index: int) -> None:
+        """Lines from standard input; they have no file to fall back on, so
+        their batches are durable only once spooled."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+        def pump() -> None:
+            stream = sys.stdin.buffer
+            while True:
+                data = stream.read1(256 * 1024) if hasattr(stream, "read1") else stream.read(65536)
+                asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+                if not data:
+                    return
+
+        threading.Thread(target=pump, name="stdin", daemon=True).start()
+        holder = _StdinFile()
+        partial = b""
+        offset = 0
+        while True:
+            data = await chunks.get()
+            pipeline = self.pipelines[index] if index < len(self.pipelines) else None
+            if pipeline is None:
+                return
+            if not data:
+                if partial:
+                    data, partial = partial + b"\n", b""
+                else:
+                    records = pipeline.flush(holder, None)
+                    self._add(records, None, None, 0, time.monotonic(), self.cfg.batch.max_records)
+                    self._stdin_done()
+                    return
+            data = partial + data
+            last = data.rfind(b"\n")
+            if last < 0:
+                partial = data
+                continue
+            partial = data[last + 1:]
+            body = data[: last + 1]
+            lines = body[:-1].split(b"\n")
+            starts = list(map(add, accumulate(map(len, lines), initial=offset), range(len(lines) + 1)))
+            chunk = Chunk(body, lines, starts[:-1], starts[-1])
+            records, _ = pipeline.process(holder, chunk, None, time.monotonic())
+            for record in records:
+                record.offset = None
+            offset += len(body)
+            self._add(records, None, None, len(body), time.monotonic(), self.cfg.batch.max_records)
+            while not self._has_room() and not self._stop.is_set():
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.poll_interval)
+
+    def _stdin_done(self) -> None:
+        if all(s.path == "-" for s in self.cfg.sources):
+            log.info("standard input closed: stopping")
+            self.request_stop()
+
+    # --- control --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    def _reload(self, shipper: Shipper) -> None:
+        self._reload_requested = False
+        if not self.config_path:
+            return
+        from agent.config import load_agent_config
+        from agent.configfile import ConfigInvalid
+
+        try:
+            cfg = load_agent_config(self.config_path)
+        except ConfigInvalid as exc:
+            log.error("config reload failed, keeping the running config:\n%s", exc)
+            return
+        if cfg.state_dir != self.cfg.state_dir:
+            log.warning("state_dir cannot change on reload; restart the agent for that")
+            cfg = msgspec.structs.replace(cfg, state_dir=self.cfg.state_dir)
+        self.cfg = cfg
+        self.redactor = Redactor.from_config(cfg.redact)
+        self.metrics.redactions = lambda: dict(self.redactor.counts)
+        self.pipelines = [SourcePipeline(s, self.host, self.redactor, self.metrics) for s in cfg.sources]
+        self.tailer.update_sources(cfg.sources)
+        shipper.update(cfg.collector)
+        log.info("config reloaded from %s", self.config_path)
+
+    # --- main ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped; 0 after a clean shutdown."""
+        self._lock_state_dir()
+        self._setup_compression()
+        self._restore()
+        # The agent makes few reference cycles and many short-lived objects:
+        # fewer young-generation collections save CPU on every line.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        loop = asyncio.get_running_loop()
+        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                                (signal.SIGHUP, self.request_reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, handler)
+        tasks: list[asyncio.Task[Any]] = []
+        metrics_runner = None
+        async with Shipper(self.cfg.collector, on_retry=self._count_retry) as shipper:
+            workers = [asyncio.create_task(self._ship_worker(shipper))
+                       for _ in range(self.cfg.collector.max_in_flight)]
+            tasks.append(asyncio.create_task(self._commit_loop()))
+            if self.cfg.metrics.listen:
+                metrics_runner = await self._serve_metrics(self.cfg.metrics.listen)
+            if self.cfg.metrics.summary_interval:
+                tasks.append(asyncio.create_task(self._summaries(self.cfg.metrics.summary_interval)))
+            stdin_index = self._stdin_source()
+            if stdin_index is not None:
+                tasks.append(asyncio.create_task(self._read_stdin(stdin_index)))
+            try:
+                await self._read_loop(shipper)
+            finally:
+                await self._shutdown(shipper, workers, tasks)
+                if metrics_runner is not None:
+                    await metrics_runner.cleanup()
+        self.tailer.close_all()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        return self.exit_code
+
+    def _count_retry(self, problem: str) -> None:
+        self.metrics.retries += 1
+
+    async def _read_loop(self, shipper: Shipper) -> None:
+        next_discover = 0.0
+        poll = float(self.cfg.poll_interval)
+        while not self._stop.is_set():
+            if self._reload_requested:
+                self._reload(shipper)
+                next_discover = 0.0
+            now = time.monotonic()
+            if now >= next_discover:
+                self._discover(now)
+                next_discover = now + self.cfg.discover_interval
+            progressed = self._read_files(now)
+            batch = self._open
+            if batch is not None and (now - batch.opened >= self.cfg.batch.max_wait):
+                self._close_batch()
+            if progressed:
+                await asyncio.sleep(0)
+                continue
+            timeout = poll
+            if self._open is not None:
+                timeout = min(poll, max(0.0, self._open.opened + self.cfg.batch.max_wait - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def _shutdown(self, shipper: Shipper, workers: list[asyncio.Task[Any]],
+                        tasks: list[asyncio.Task[Any]]) -> None:
+        """Send the open batch, wait (bounded) for what is in flight, save checkpoints."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._close_batch()
+        await asyncio.gather(*list(self._spooling), return_exceptions=True)
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        while self._unacked and time.monotonic() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
+        if self._unacked:
+            log.warning("%d batches not acknowledged at shutdown; they stay spooled and are re-sent on start",
+                        self._unacked)
+        shipper.stop()
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._dirty = True
+        self.commit()
+        log.info("stopped: %s", self.metrics.summary())
+
+    async def _summaries(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            log.info("summary: %s", self.metrics.summary())
+
+    async def _serve_metrics(self, listen: str) -> Any:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            self.metrics.spool_bytes = self.spool.used_bytes
+            return web.Response(text=self.metrics.prometheus(), content_type="text/plain", charset="utf-8",
+                                headers={"X-Content-Type-Options": "nosniff"})
+
+        app = web.Application()
+        app.router.add_get("/metrics", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+        await site.start()
+        log.info("metrics on http://%s/metrics", listen)
+        return runner
+
+
+class _StdinFile:
+    """Stands in for a tracked file for stdin's multiline state."""
+
+    joiner: object | None = None
+
+
+def run_agent(cfg: AgentConfig, config_path: str | None = None) -> int:
+    return asyncio.run(Agent(cfg, config_path).run())

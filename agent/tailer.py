@@ -1,0 +1,336 @@
+"""Finding and reading the files of the configured sources.
+
+A :class:`TrackedFile` is one open file (one inode), read through its own
+descriptor with ``pread``, so a file renamed or deleted by logrotate is still
+read to its end. Files are found by globbing each source's ``path`` (``**``
+crosses directories, symlinks are followed, ``exclude`` globs drop matches)
+and recognised by device + inode, confirmed by the fingerprint of their first
+bytes (see :mod:`agent.checkpoint`).
+
+Reading hands back complete lines only. A partial last line waits for its
+newline; a line longer than ``max_line`` is cut, marked, and the rest of it
+skipped. A file that shrinks below the read position (copytruncate, or
+truncation in place) or whose first bytes change is read again from 0 as a
+new file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import logging
+import os
+import stat
+import uuid
+from collections import deque
+from itertools import accumulate
+from operator import add
+from typing import Any
+
+from agent.checkpoint import (
+    FINGERPRINT_BYTES,
+    CheckpointFile,
+    FileCheckpoint,
+    fingerprint_fd,
+    fingerprint_matches,
+)
+from agent.config import SourceConfig
+
+log = logging.getLogger("logferry.agent.tailer")
+
+TRUNCATION_MARKER = "…[line truncated at {} bytes]"
+
+
+class Chunk:
+    """Complete lines read from a file: ``lines[i]`` (without newline) starts
+    at byte ``starts[i]``; ``end`` is the offset after the last newline."""
+
+    __slots__ = ("data", "end", "lines", "starts", "truncated")
+
+    def __init__(self, data: bytes, lines: list[bytes], starts: list[int], end: int,
+                 truncated: int = 0) -> None:
+        self.data = data
+        self.lines = lines
+        self.starts = starts
+        self.end = end
+        self.truncated = truncated
+
+
+class TrackedFile:
+    """One file being read. ``pos`` is where the next read starts; ``acked``
+    the offset the collector has acknowledged (all lines before it are stored)."""
+
+    def __init__(self, file_id: str, path: str, source_index: int, fd: int, st: os.stat_result,
+                 pos: int, fingerprint: str, fingerprint_len: int, now: float) -> None:
+        self.id = file_id
+        self.path = path
+        self.source_index = source_index
+        self.fd = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.pos = pos
+        self.acked = pos
+        self.size = st.st_size
+        self.fingerprint = fingerprint
+        self.fingerprint_len = fingerprint_len
+        self.skipping = False
+        self.rotated = False  # the path no longer leads to this file
+        self.deleted = False
+        self.unmatched = False  # no source glob matches it any more
+        self.last_growth = now
+        self.closed = False
+        # (end offset, done) of batches holding this file's lines, oldest first.
+        self.pending: deque[list[object]] = deque()
+        self.joiner: object | None = None
+        # Records read but not yet batched (back-pressure): (records, end offset, raw bytes).
+        self.carry: tuple[list[Any], int | None, int] | None = None
+
+    def checkpoint(self) -> FileCheckpoint:
+        return FileCheckpoint(self.path, self.dev, self.ino, self.fingerprint, self.fingerprint_len,
+                              self.acked)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+            self.closed = True
+
+
+def _line_aligned_end(fd: int, size: int) -> int:
+    """The offset after the last newline: a partial last line will be read once complete."""
+    start = max(0, size - 64 * 1024)
+    tail = os.pread(fd, size - start, start)
+    newline = tail.rfind(b"\n")
+    return start + newline + 1 if newline >= 0 else (size if len(tail) == size - start and start else 0)
+
+
+def _excluded(path: str, patterns: list[str]) -> bool:
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+class Tailer:
+    """Discovers files for the sources and reads them."""
+
+    def __init__(self, sources: list[SourceConfig], saved: CheckpointFile | None, read_chunk: int) -> None:
+        self.sources = sources
+        self.read_chunk = read_chunk
+        self.first_start = saved is None
+        self.saved: dict[str, FileCheckpoint] = dict(saved.files) if saved else {}
+        self.files: dict[str, TrackedFile] = {}
+        self._by_inode: dict[tuple[int, int], TrackedFile] = {}
+        self.started = False
+
+    def update_sources(self, sources: list[SourceConfig]) -> None:
+        self.sources = sources
+
+    # --- discovery -------------------------------------------------------------
+
+    def matches(self) -> dict[tuple[int, int], tuple[str, int, os.stat_result]]:
+        """Every file the sources' globs match now: (dev, ino) -> (path, source index, stat)."""
+        found: dict[tuple[int, int], tuple[str, int, os.stat_result]] = {}
+        for index, source in enumerate(self.sources):
+            if source.path == "-":
+                continue
+            pattern = os.path.expanduser(source.path)
+            for path in sorted(glob.glob(pattern, recursive=True)):
+                if source.exclude and _excluded(path, source.exclude):
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                found.setdefault((st.st_dev, st.st_ino), (os.path.abspath(path), index, st))
+        return found
+
+    def discover(self, now: float) -> list[TrackedFile]:
+        """Open newly matched files; mark tracked files whose path moved on,
+        that were deleted, or that no glob matches any more. Returns the new files."""
+        found = self.matches()
+        new: list[TrackedFile] = []
+        for key, (path, index, st) in found.items():
+            tracked = self._by_inode.get(key)
+            if tracked is not None:
+                tracked.unmatched = False
+                if tracked.path != path and tracked.rotated:
+                    tracked.path = path
+                continue
+            opened = self._open(path, index, st, now)
+            if opened is not None:
+                new.append(opened)
+        for tracked in self.files.values():
+            if tracked.closed:
+                continue
+            tracked.unmatched = (tracked.dev, tracked.ino) not in found
+            try:
+                st = os.stat(tracked.path)
+                tracked.rotated = (st.st_dev, st.st_ino) != (tracked.dev, tracked.ino)
+            except OSError:
+                tracked.rotated = True
+            try:
+                tracked.deleted = os.fstat(tracked.fd).st_nlink == 0
+            except OSError:
+                tracked.deleted = True
+        if not self.started:
+            self.started = True
+            # Entries for files that no longer exist where they were would pile up.
+            known = {(f.dev, f.ino) for f in self.files.values()}
+            for file_id, entry in list(self.saved.items()):
+                if (entry.dev, entry.ino) not in known:
+                    self.saved.pop(file_id)
+        return new
+
+    def _open(self, path: str, index: int, st: os.stat_result, now: float) -> TrackedFile | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            log.warning("cannot open %s: %s", path, exc)
+            return None
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)  # replaced between stat and open: next round
+            return None
+        file_id, pos = self._resume(fd, fst, index)
+        fp, fp_len = fingerprint_fd(fd, fst.st_size)
+        tracked = TrackedFile(file_id, path, index, fd, fst, pos, fp, fp_len, now)
+        self.files[file_id] = tracked
+        self._by_inode[(tracked.dev, tracked.ino)] = tracked
+        log.info("tailing %s from byte %d", path, pos)
+        return tracked
+
+    def _resume(self, fd: int, st: os.stat_result, source_index: int) -> tuple[str, int]:
+        """The id and start offset of a newly opened file: where it was left
+        when device, inode and fingerprint match a file seen before (in this
+        run or in the checkpoint); else 0, or the end of the file for files
+        present at the agent's first start with ``start_at: end``."""
+        for tracked in list(self.files.values()):
+            if tracked.closed and (tracked.dev, tracked.ino) == (st.st_dev, st.st_ino):
+                if fingerprint_matches(fd, tracked.fingerprint, tracked.fingerprint_len) \
+                        and st.st_size >= tracked.pos:
+                    self.files.pop(tracked.id)
+                    return tracked.id, tracked.pos
+        for file_id, entry in list(self.saved.items()):
+            if (entry.dev, entry.ino) != (st.st_dev, st.st_ino):
+                continue
+            self.saved.pop(file_id)
+            if not fingerprint_matches(fd, entry.fingerprint, entry.fingerprint_len):
+                log.info("inode %d was reused by a new file: reading it from the start", st.st_ino)
+                break
+            if st.st_size < entry.offset:
+                log.info("file shrank below its checkpoint (truncated): reading it from the start")
+                break
+            return file_id, entry.offset
+        file_id = uuid.uuid4().hex[:16]
+        if self.first_start and not self.started and self.sources[source_index].start_at == "end":
+            return file_id, _line_aligned_end(fd, st.st_size)
+        return file_id, 0
+
+    # --- reading ---------------------------------------------------------------
+
+    def check_truncation(self, tracked: TrackedFile) -> bool:
+        """Whether the file was truncated or replaced in place since it was
+        last read (it then starts again at 0 under a new id)."""
+        try:
+            size = os.fstat(tracked.fd).st_size
+        except OSError:
+            return False
+        tracked.size = size
+        truncated = size < tracked.pos
+        if not truncated and tracked.fingerprint_len and size > tracked.pos:
+            truncated = not fingerprint_matches(tracked.fd, tracked.fingerprint, tracked.fingerprint_len)
+        if truncated:
+            log.info("%s was truncated (size %d < offset %d): reading it from the start",
+                     tracked.path, size, tracked.pos)
+        return truncated
+
+    def renew(self, tracked: TrackedFile) -> TrackedFile:
+        """A truncated file as a new file from offset 0 (same descriptor)."""
+        self.files.pop(tracked.id, None)
+        fresh = TrackedFile(uuid.uuid4().hex[:16], tracked.path, tracked.source_index, tracked.fd,
+                            os.fstat(tracked.fd), 0, *fingerprint_fd(tracked.fd), tracked.last_growth)
+        tracked.closed = True  # the descriptor now belongs to `fresh`
+        self.files[fresh.id] = fresh
+        self._by_inode[(fresh.dev, fresh.ino)] = fresh
+        return fresh
+
+    def read(self, tracked: TrackedFile, max_line: int) -> Chunk | None:
+        """The next complete lines, or ``None`` when there are none yet."""
+        data = b""
+        while True:
+            data = os.pread(tracked.fd, self.read_chunk, tracked.pos)
+            if not data:
+                return None
+            if tracked.skipping:
+                newline = data.find(b"\n")
+                if newline < 0:
+                    tracked.pos += len(data)
+                    continue
+                tracked.pos += newline + 1
+                tracked.skipping = False
+                continue
+            break
+        base = tracked.pos
+        last = data.rfind(b"\n")
+        if last < 0:
+            if len(data) < self.read_chunk:
+                return None  # a partial line: wait for its end
+            longer = os.pread(tracked.fd, max_line + 1, base) if max_line + 1 > len(data) else data
+            last = longer.rfind(b"\n")
+            if last < 0:
+                if len(longer) <= max_line:
+                    return None
+                return self._cut(tracked, longer, base, max_line)
+            data = longer
+        body = data[:last]
+        lines = body.split(b"\n")
+        truncated = 0
+        if last > max_line:
+            for i, line in enumerate(lines):
+                if len(line) > max_line:
+                    lines[i] = line[:max_line] + TRUNCATION_MARKER.format(max_line).encode()
+                    truncated += 1
+        starts = list(map(add, accumulate(map(len, lines), initial=base), range(len(lines) + 1)))
+        end = starts.pop()
+        tracked.pos = end
+        if end > tracked.size:
+            tracked.size = end
+        if tracked.fingerprint_len < FINGERPRINT_BYTES and base < FINGERPRINT_BYTES:
+            tracked.fingerprint, tracked.fingerprint_len = fingerprint_fd(tracked.fd, end)
+        return Chunk(data, lines, starts, end, truncated)
+
+    def _cut(self, tracked: TrackedFile, data: bytes, base: int, max_line: int) -> Chunk:
+        line = data[:max_line] + TRUNCATION_MARKER.format(max_line).encode()
+        tracked.pos = base + max_line
+        tracked.skipping = True
+        return Chunk(data, [line], [base], base + max_line, 1)
+
+    def read_partial(self, tracked: TrackedFile) -> Chunk | None:
+        """A last line without a newline, once the file is known to be finished
+        (rotated or deleted and idle)."""
+        if tracked.skipping:
+            size = os.fstat(tracked.fd).st_size
+            tracked.pos = max(tracked.pos, size)
+            tracked.skipping = False
+            return None
+        data = os.pread(tracked.fd, self.read_chunk, tracked.pos)
+        if not data:
+            return None
+        base = tracked.pos
+        tracked.pos += len(data)
+        return Chunk(data, [data], [base], tracked.pos)
+
+    def release(self, tracked: TrackedFile) -> None:
+        """Close a finished file; its checkpoint entry goes once it is acknowledged."""
+        tracked.close()
+        self._by_inode.pop((tracked.dev, tracked.ino), None)
+        log.info("released %s", tracked.path)
+
+    def forget(self, tracked: TrackedFile) -> None:
+        self.files.pop(tracked.id, None)
+        if self._by_inode.get((tracked.dev, tracked.ino)) is tracked:
+            self._by_inode.pop((tracked.dev, tracked.ino), None)
+
+    def close_all(self) -> None:
+        for tracked in self.files.values():
+            tracked.close()

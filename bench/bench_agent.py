@@ -1,0 +1,219 @@
+"""Agent throughput: CPU seconds per million lines, tail to acknowledged batches.
+
+Generates a JSON log (about 190 bytes a line, 1% of lines with a card number
+or an SSN), runs ``logferry-agent run`` as a real process with redaction on
+(the default) against a local collector, waits until every line is
+acknowledged, stops the agent with SIGTERM and reports the agent process's
+CPU time (user + system) and peak RSS from ``wait4``.
+
+The default collector is a minimal ack server in its own process (it counts
+records and answers like the real one), so the figure is the agent's alone;
+``--collector real`` ships to ``logferry-collector serve`` (chDB) instead.
+``--profile`` runs the agent under cProfile and prints where the time goes.
+
+    python bench/bench_agent.py               # 1M lines
+    python bench/bench_agent.py --quick       # 100k lines
+    python bench/bench_agent.py --lines 200000 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+FLUENT_BIT_CPU_S = 1.37  # 1.16 user + 0.21 sys per 1M lines, tail + json parser, no redaction, no HTTP
+
+ACK_SERVER = textwrap.dedent(
+    """
+    import sys, msgspec
+    from aiohttp import web
+    from agent.wire import decode_msgpack_batch
+    seen = set()
+    count = 0
+    async def ingest(request):
+        global count
+        body = await request.read()
+        batch = decode_msgpack_batch(body)
+        if batch.batch_id in seen:
+            return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+        seen.add(batch.batch_id)
+        count += len(batch.records)
+        return web.json_response({"accepted": len(batch.records), "rejected": [], "duplicate": False})
+    async def stats(request):
+        return web.json_response({"records": count})
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/ingest", ingest)
+    app.router.add_get("/stats", stats)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+
+PATHS = ["/api/orders", "/api/users/me", "/api/cart/items", "/login", "/api/search", "/checkout/confirm"]
+LEVELS = ["info"] * 6 + ["debug", "warn", "error"]
+CARDS = ["4111 1111 1111 1111", "5555-5555-5555-4444", "378282246310005", "6011111111111117"]
+
+
+def generate(path: Path, lines: int, seed: int = 7) -> int:
+    rng = random.Random(seed)
+    size = 0
+    start = time.time() - lines / 1000
+    with path.open("w") as out:
+        for i in range(lines):
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + i / 1000)) + f".{i % 1000:03d}Z"
+            message = (f"{rng.choice(['GET', 'POST', 'PUT'])} {rng.choice(PATHS)}/{rng.randint(1, 99999)} "
+                       f"completed status={rng.choice([200, 200, 200, 201, 404, 500])}")
+            if i % 100 == 0:
+                message += (f" card {rng.choice(CARDS)}" if i % 200 == 0
+                            else f" ssn {rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}")
+            line = json.dumps({
+                "ts": ts, "level": rng.choice(LEVELS), "msg": message,
+                "request_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                "user_id": f"u{rng.randint(1, 50000)}", "duration_ms": round(rng.random() * 300, 2),
+            }, separators=(",", ":"))
+            out.write(line + "\n")
+            size += len(line) + 1
+    return size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="100k lines")
+    parser.add_argument("--collector", choices=["ack", "real"], default="ack")
+    parser.add_argument("--profile", action="store_true", help="print the agent's top functions (cProfile)")
+    parser.add_argument("--no-redact", action="store_true", help="turn redaction off, for comparison")
+    args = parser.parse_args()
+    lines = 100_000 if args.quick else args.lines
+    work = Path(tempfile.mkdtemp(prefix="logferry-bench-"))
+    log_path = work / "logs" / "app.log"
+    log_path.parent.mkdir()
+    t0 = time.monotonic()
+    size = generate(log_path, lines)
+    print(f"generated {lines} lines, {size / 1e6:.1f} MB ({size / lines:.0f} B/line) in {time.monotonic() - t0:.1f}s")
+
+    env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    collector: subprocess.Popen[bytes] | None = None
+    real = None
+    if args.collector == "ack":
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        collector = subprocess.Popen([sys.executable, "-c", ACK_SERVER, str(port)], cwd=ROOT, env=env)
+        wait_http(f"{url}/stats")
+        token = "bench"
+
+        def acknowledged() -> int:
+            with urllib.request.urlopen(f"{url}/stats", timeout=5) as r:
+                return int(json.loads(r.read())["records"])
+    else:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import CollectorProcess
+
+        real = CollectorProcess(work / "collector")
+        real.start()
+        url, token = real.url, real.ingest_token
+        total = {"n": 0}
+
+        def acknowledged() -> int:
+            # Count through the agent's metrics instead: querying 1M rows is the collector's cost.
+            return total["n"]
+
+    metrics_port = free_port()
+    config = work / "agent.yaml"
+    config.write_text(json.dumps({"agent": {
+        "collector": {"url": url, "token": token},
+        "state_dir": str(work / "state"),
+        "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
+        "redact": {"enabled": not args.no_redact},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
+    }}))
+    command = [str(BIN / "logferry-agent"), "--log-level", "WARNING", "run", "-c", str(config)]
+    profile_out = work / "agent.prof"
+    if args.profile:
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "agent.cli",
+                   "--log-level", "WARNING", "run", "-c", str(config)]
+    started = time.monotonic()
+    agent = subprocess.Popen(command, cwd=ROOT, env=env)
+
+    def shipped() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("logferry_agent_records_shipped_total "):
+                        return int(float(line.split()[1]))
+        except OSError:
+            pass
+        return 0
+
+    try:
+        while True:
+            n = acknowledged() if args.collector == "ack" else shipped()
+            if n >= lines:
+                break
+            if agent.poll() is not None:
+                raise RuntimeError(f"agent exited with {agent.returncode}")
+            if time.monotonic() - started > 900:
+                raise RuntimeError(f"timed out with {n} of {lines} acknowledged")
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        agent.send_signal(signal.SIGTERM)
+        _, status, usage = os.wait4(agent.pid, 0)
+        agent.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        if collector is not None:
+            collector.terminate()
+            collector.wait()
+        if real is not None:
+            real.stop()
+    cpu = usage.ru_utime + usage.ru_stime
+    per_million = cpu * 1_000_000 / lines
+    print(f"agent: {lines} lines acknowledged in {elapsed:.2f}s wall ({lines / elapsed:,.0f} lines/s), "
+          f"exit {agent.returncode}")
+    print(f"agent CPU: {usage.ru_utime:.2f}s user + {usage.ru_stime:.2f}s sys = {cpu:.2f}s "
+          f"-> {per_million:.2f} CPU-s per 1M lines (Fluent Bit tail+json, no redaction/HTTP: "
+          f"{FLUENT_BIT_CPU_S:.2f})")
+    print(f"agent peak RSS: {usage.ru_maxrss / 1024:.1f} MiB (goal < 64 MiB)")
+    print(f"redaction: {'off' if args.no_redact else 'on'}; collector: {args.collector}")
+    if args.profile:
+        import pstats
+
+        print()
+        pstats.Stats(str(profile_out)).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Real processes: ``logferry-agent run`` tailing real files and shipping to
+``logferry-collector serve``; lines are looked up through ``GET /v1/logs``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import cli
+
+pytestmark = [pytest.mark.slow]
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path, target: Any, **agent: Any) -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.source = f"e2e-{uuid.uuid4().hex[:8]}"
+        self.config = workdir / "agent.yaml"
+        section = {
+            "collector": {"url": target.url, "token": target.ingest_token, "retry_initial": "50ms",
+                          "retry_max": "500ms", **agent.pop("collector", {})},
+            "state_dir": str(workdir / "state"),
+            "sources": [{"path": str(self.logs / "*.log"), "source": self.source, "format": "json"}],
+            "poll_interval": "50ms",
+            "discover_interval": "200ms",
+            "metrics": {"summary_interval": 0},
+            **agent,
+        }
+        self.config.write_text(json.dumps({"agent": section}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "agent.log"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([cli("logferry-agent"), "run", "-c", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def signal(self, signum: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        code = self.proc.wait(30)
+        self.proc = None
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    made: list[AgentProcess] = []
+
+    def make(target: Any, **agent: Any) -> AgentProcess:
+        workdir = tmp_path / f"agent{len(made)}"
+        workdir.mkdir()
+        proc = AgentProcess(workdir, target, **agent)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.stop()
+
+
+def json_lines(path: Path, start: int, stop: int, extra: str = "") -> None:
+    now = dt.datetime.now(dt.UTC)
+    with path.open("a") as out:
+        for i in range(start, stop):
+            ts = (now + dt.timedelta(milliseconds=i)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            out.write(json.dumps({"ts": ts, "level": "info", "msg": f"line {i:06d}{extra}"}) + "\n")
+
+
+def stored(collector: Any, source: str) -> list[dict[str, Any]]:
+    return collector.all_logs(source=source, start="-1h")  # type: ignore[no-any-return]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_agent_ships_every_appended_line_to_the_collector_redacted(collector_process, agent_process) -> None:
+    agent = agent_process(collector_process)
+    app = agent.logs / "app.log"
+    json_lines(app, 0, 200)
+    agent.start()
+    json_lines(app, 200, 300, extra=" card 4111 1111 1111 1111")
+    wait_for(lambda: len(stored(collector_process, agent.source)) == 300, what="300 stored logs")
+    logs = stored(collector_process, agent.source)
+    assert sorted(log["message"] for log in logs) == sorted(
+        [f"line {i:06d}" for i in range(200)] + [f"line {i:06d} card [REDACTED:credit_card]" for i in range(200, 300)])
+    assert all(log["level"] == "INFO" and log["source"] == agent.source for log in logs)
+    assert agent.signal(signal.SIGTERM) == 0
+
+
+def test_kill_9_during_shipping_then_restart_stores_every_line_exactly_once(
+        collector_process, agent_process) -> None:
+    agent = agent_process(collector_process, batch={"max_records": 100},
+                          collector={"max_in_flight": 4})
+    app = agent.logs / "app.log"
+    total = 10_000
+    json_lines(app, 0, 2000)
+    agent.start()
+    # Keep the agent busy while it is killed: lines keep arriving.
+    writer = threading.Thread(target=lambda: [
+        (json_lines(app, start, start + 200), time.sleep(0.02)) for start in range(2000, total, 200)])
+    writer.start()
+    wait_for(lambda: len(collector_process.query_logs(source=agent.source, start="-1h", limit=10)["logs"]) > 0,
+             what="first batches stored")
+    assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+    writer.join()
+    before = len(stored(collector_process, agent.source))
+    assert 0 < before < total
+    agent.start()
+    wait_for(lambda: len(stored(collector_process, agent.source)) >= total, what="every line after restart")
+    time.sleep(0.5)  # a duplicate would arrive now
+    messages = [log["message"] for log in stored(collector_process, agent.source)]
+    assert len(messages) == total
+    assert sorted(messages) == [f"line {i:06d}" for i in range(total)]
+    assert agent.signal(signal.SIGTERM) == 0
+
+
+def test_collector_down_for_a_while_and_back_loses_nothing(collector_process, agent_process) -> None:
+    agent = agent_process(collector_process)
+    app = agent.logs / "app.log"
+    agent.start()
+    json_lines(app, 0, 50)
+    wait_for(lambda: len(stored(collector_process, agent.source)) == 50, what="lines before the outage")
+    collector_process.stop()
+    json_lines(app, 50, 1050)
+    time.sleep(2.0)  # the agent retries meanwhile
+    collector_process.start()
+    wait_for(lambda: len(stored(collector_process, agent.source)) == 1050, what="every line after the outage")
+    messages = sorted(log["message"] for log in stored(collector_process, agent.source))
+    assert messages == [f"line {i:06d}" for i in range(1050)]
+
+
+def test_sigterm_flushes_the_open_batch_and_exits_0(collector_process, agent_process) -> None:
+    agent = agent_process(collector_process, batch={"max_wait": "30s"})
+    app = agent.logs / "app.log"
+    agent.start()
+    time.sleep(1.0)
+    json_lines(app, 0, 10)
+    time.sleep(1.0)  # read, but the batch waits for max_wait
+    assert stored(collector_process, agent.source) == []
+    assert agent.signal(signal.SIGTERM) == 0
+    assert len(stored(collector_process, agent.source)) == 10
+    checkpoint = json.loads((agent.workdir / "state" / "checkpoints.json").read_text())
+    assert [e["offset"] for e in checkpoint["files"].values()] == [app.stat().st_size]
+
+
+def test_check_command_lists_every_error_with_its_path(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("agent:\n  collector: {url: ftp://x}\n  sources:\n    - {path: a.log, source: web}\n"
+                      "    - {source: api, format: xml, typo: 1}\n  batch: {max_wait: soon}\n")
+    out = subprocess.run([cli("logferry-agent"), "check", "-c", str(config)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    for expected in ("agent.collector.url", "agent.sources[1].path", "agent.sources[1].format",
+                     "agent.sources[1].typo", "agent.batch.max_wait"):
+        assert expected in out.stderr, out.stderr
+    assert f"{config}:5:" in out.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text("agent:\n  collector: {url: 'http://127.0.0.1:1', token: t}\n"
+                    "  sources: [{path: '/var/log/*.log', source: web, format: json}]\n")
+    ok = subprocess.run([cli("logferry-agent"), "check", "-c", str(good)], capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr

@@ -1,0 +1,150 @@
+"""Every format, level normalisation, unparseable lines, multiline entries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from agent.config import MultilineConfig, SourceConfig
+from agent.multiline import MultilineJoiner
+from agent.parsers import LineParser, normalise_level, parse_syslog
+
+
+def parser(fmt: str = "json", **kw: Any) -> LineParser:
+    return LineParser(SourceConfig(path="/x/*.log", source="api", format=fmt, tags=["prod"], **kw), "host-1")
+
+
+def one(p: LineParser, line: str) -> Any:
+    records = p.parse_lines([line.encode()], [100], "/x/a.log")
+    assert len(records) == 1
+    return records[0]
+
+
+def test_json_maps_common_field_names_and_keeps_the_rest_in_context() -> None:
+    r = one(parser(), '{"@timestamp":"2026-11-25T04:00:00.123Z","severity":"warning","msg":"slow",'
+                      '"request_id":"r1","user_id":42,"duration_ms":12,"ip":"10.0.0.1","extra":{"a":[1]}}')
+    assert (r.timestamp, r.level, r.message, r.source) == ("2026-11-25T04:00:00.123Z", "WARN", "slow", "api")
+    assert (r.request_id, r.user_id, r.duration_ms, r.ip_address) == ("r1", "42", 12, "10.0.0.1")
+    assert r.context == {"extra": {"a": [1]}}
+    assert (r.host, r.file, r.offset, r.tags) == ("host-1", "/x/a.log", 100, ["prod"])
+
+
+def test_json_lines_of_a_chunk_are_parsed_together_with_their_offsets() -> None:
+    p = parser()
+    lines = [b'{"ts":"2026-11-25T04:00:00Z","level":"info","msg":"a"}', b"",
+             b'{"ts":"2026-11-25T04:00:01Z","lvl":"ERR","message":"b","tags":["x"]}', b"not json {"]
+    records = p.parse_lines(lines, [0, 50, 51, 120], "/x/a.log")
+    assert [(r.message, r.level, r.offset) for r in records] == [
+        ("a", "INFO", 0), ("b", "ERROR", 51), ("not json {", "INFO", 120)]
+    assert records[1].tags == ["prod", "x"]
+    assert records[2].tags == ["prod", "parse_error"]
+
+
+def test_json_field_of_unexpected_type_or_bad_timestamp_is_coerced_not_lost() -> None:
+    p = parser()
+    r = one(p, '{"ts":"yesterday","level":{"x":1},"msg":{"k":"v"},"session_id":7,"duration_ms":"1.5"}')
+    assert r.message == '{"k":"v"}' and r.level == "INFO" and r.session_id == "7" and r.duration_ms == 1.5
+    assert r.context == {"timestamp_raw": "yesterday"} and "bad_timestamp" in r.tags
+    r = one(p, '{"time":1764043200.5,"msg":"epoch"}')
+    assert r.timestamp == 1764043200.5
+    r = one(p, '["an", "array"]')
+    assert "parse_error" in r.tags and r.message == '["an", "array"]'
+
+
+def test_custom_field_names_take_precedence() -> None:
+    p = parser(fields={"message": "text_body", "level": "sev"})
+    r = one(p, '{"text_body":"hi","sev":"crit","msg":"other"}')
+    assert (r.message, r.level, r.context) == ("hi", "CRITICAL", {"msg": "other"})
+
+
+def test_oversized_message_is_cut_with_a_marker() -> None:
+    r = one(parser(), '{"msg":"' + "x" * 20000 + '"}')
+    assert len(r.message.encode()) <= 10_000 and "truncated" in r.message and "truncated" in r.tags
+
+
+def test_levels_are_normalised() -> None:
+    assert [normalise_level(v) for v in ("warning", "err", "fatal", "panic", "Trace", "notice", "bogus", 3)] == [
+        "WARN", "ERROR", "CRITICAL", "CRITICAL", "DEBUG", "INFO", "INFO", "ERROR"]
+
+
+def test_logfmt() -> None:
+    r = one(parser("logfmt"), 'time=2026-11-25T04:00:00Z level=error msg="db down" user_id=u1 retry=3 dry')
+    assert (r.level, r.message, r.user_id) == ("ERROR", "db down", "u1")
+    assert r.context == {"retry": "3", "dry": True}
+    assert "parse_error" in one(parser("logfmt"), "just words").tags
+
+
+def test_regex_named_groups() -> None:
+    p = parser("regex",
+               pattern=r"^(?P<timestamp>\S+) \[(?P<level>\w+)\] (?P<message>.*?)(?: rid=(?P<request_id>\S+))?$")
+    r = one(p, "2026-11-25T04:00:00Z [fatal] boom rid=abc")
+    assert (r.level, r.message, r.request_id) == ("CRITICAL", "boom", "abc")
+    assert "parse_error" in one(p, "no match").tags
+
+
+def test_plain_recognises_leading_timestamp_and_level() -> None:
+    r = one(parser("plain"), "2026-11-25 04:00:00,123 ERROR worker: crashed")
+    assert (r.timestamp, r.level, r.message) == ("2026-11-25T04:00:00.123", "ERROR", "worker: crashed")
+    r = one(parser("plain"), "just a line")
+    assert (r.level, r.message) == ("INFO", "just a line") and r.tags == ["prod"]
+
+
+def test_syslog_rfc5424() -> None:
+    r = one(parser("syslog"), '<165>1 2003-10-11T22:14:15.003Z mymachine evntslog - ID47 '
+                              '[exampleSDID@32473 iut="3" eventSource="Application"] An application event')
+    assert (r.timestamp, r.level, r.message) == ("2003-10-11T22:14:15.003Z", "INFO", "An application event")
+    assert r.context["appname"] == "evntslog" and r.context["structured_data"]["exampleSDID@32473"]["iut"] == "3"
+
+
+def test_syslog_rfc3164_with_and_without_pri() -> None:
+    now = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    fields = parse_syslog("<34>Dec 31 22:14:15 mymachine su[123]: 'su root' failed", now)
+    assert fields is not None
+    assert fields["level"] == "CRITICAL" and fields["timestamp"].startswith("2025-12-31T22:14:15")
+    assert fields["context"]["procid"] == "123" and fields["message"] == "'su root' failed"
+    r = one(parser("syslog"), "Nov 25 04:00:00 web1 sshd[99]: Accepted publickey")
+    assert r.context["appname"] == "sshd" and r.message == "Accepted publickey"
+
+
+def test_combined_access_log_fills_ip_user_agent_and_duration() -> None:
+    line = ('203.0.113.9 - alice [25/Nov/2026:04:00:00 +0100] "GET /api/x?y=1 HTTP/1.1" 503 512 '
+            '"https://ref/" "Mozilla/5.0 (X11)" 0.250')
+    r = one(parser("nginx"), line)
+    assert (r.ip_address, r.user_agent, r.duration_ms, r.level) == ("203.0.113.9", "Mozilla/5.0 (X11)", 250.0,
+                                                                   "ERROR")
+    assert r.timestamp == "2026-11-25T04:00:00+01:00" and r.context["path"] == "/api/x?y=1"
+    r = one(parser("apache"), '::1 - - [25/Nov/2026:04:00:00 +0000] "POST /f HTTP/1.0" 404 - "-" "curl" 1500')
+    assert (r.duration_ms, r.level) == (1.5, "WARN")
+
+
+def test_python_traceback_becomes_one_record_with_error_stack() -> None:
+    p = parser("plain", multiline=MultilineConfig())
+    joiner = MultilineJoiner(MultilineConfig())
+    lines = ["2026-11-25 04:00:00 ERROR request failed", "Traceback (most recent call last):",
+             '  File "app.py", line 3, in <module>', "    main()", "ValueError: bad", "",
+             "During handling of the above exception, another exception occurred:", "",
+             "Traceback (most recent call last):", '  File "x.py", line 1', "KeyError: 'k'",
+             "2026-11-25 04:00:01 INFO next"]
+    entries = []
+    offset = 0
+    for line in lines:
+        entries += joiner.feed(line, offset, offset + len(line) + 1, 0.0)
+        offset += len(line) + 1
+    assert len(entries) == 1 and joiner.pending_start == offset - len(lines[-1]) - 1
+    first, rest, start, _ = entries[0]
+    record = p.parse_entry(first, rest, start, "/x")
+    assert record.message == "request failed" and record.level == "ERROR"
+    assert record.error_stack is not None and record.error_stack.startswith("Traceback")
+    assert record.error_stack.endswith("KeyError: 'k'")
+    assert joiner.flush()[0][0] == "2026-11-25 04:00:01 INFO next"
+
+
+def test_java_stack_trace_in_start_mode_and_max_lines() -> None:
+    joiner = MultilineJoiner(MultilineConfig(mode="start", pattern=r"^\d{4}-", max_lines=3))
+    lines = ["2026-11-25 ERROR x", "java.lang.IllegalStateException: boom", "\tat a.B.c(B.java:1)",
+             "\tat a.B.d(B.java:2)", "Caused by: java.io.IOException", "2026-11-25 INFO y"]
+    entries = []
+    for i, line in enumerate(lines):
+        entries += joiner.feed(line, i * 100, i * 100 + 100, 0.0)
+    assert [len(e[1]) for e in entries] == [2, 1]  # cut at 3 lines, the rest is an entry of its own
+    assert joiner.due(5.0) and not joiner.due(0.5)

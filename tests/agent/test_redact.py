@@ -1,0 +1,232 @@
+"""Redaction rules, validators, modes, records, and the properties the spec asks for."""
+
+from __future__ import annotations
+
+import string
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.config import CustomRedactRule, RedactConfig
+from agent.configfile import ConfigInvalid, convert
+from agent.redact import Redactor, card_issuer, is_card_number, is_ssn, luhn_valid
+from agent.wire import Record
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor.from_config(RedactConfig())
+
+
+def luhn_complete(prefix_and_body: str) -> str:
+    """Append the Luhn check digit."""
+    for check in "0123456789":
+        if luhn_valid(prefix_and_body + check):
+            return prefix_and_body + check
+    raise AssertionError
+
+
+ISSUERS = [("4", 16), ("4", 13), ("4", 19), ("51", 16), ("55", 16), ("2221", 16), ("2720", 16), ("34", 15),
+           ("37", 15), ("6011", 16), ("644", 16), ("65", 19), ("3528", 16), ("3589", 19), ("36", 14),
+           ("38", 14), ("300", 14), ("305", 16), ("62", 16)]
+
+
+@st.composite
+def card_numbers(draw: st.DrawFn) -> str:
+    prefix, length = draw(st.sampled_from(ISSUERS))
+    body = draw(st.text("0123456789", min_size=length - len(prefix) - 1, max_size=length - len(prefix) - 1))
+    number = luhn_complete(prefix + body)
+    style = draw(st.sampled_from(["plain", "spaces", "dashes"]))
+    if style == "plain":
+        return number
+    sep = " " if style == "spaces" else "-"
+    return sep.join(number[i:i + 4] for i in range(0, len(number), 4))
+
+
+@st.composite
+def ssns(draw: st.DrawFn) -> str:
+    area = draw(st.integers(1, 899).filter(lambda a: a != 666))
+    group = draw(st.integers(1, 99))
+    serial = draw(st.integers(1, 9999))
+    return f"{area:03d}-{group:02d}-{serial:04d}"
+
+
+# Surrounding text: anything, as long as it does not glue more digits onto the
+# number (then it is a longer number, not a card) and has no separator run
+# that would make it part of a digit group.
+surrounding = st.text(string.ascii_letters + " .,:;!?()[]{}\"'=/_\n\tüé€", max_size=40)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(card=card_numbers(), before=surrounding, after=surrounding)
+def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, card: str, before: str,
+                                                         after: str) -> None:
+    text = f"{before} {card} {after}"
+    out = redactor.redact_text(text)
+    assert card not in out
+    assert "[REDACTED:credit_card]" in out
+    digits = card.replace(" ", "").replace("-", "")
+    assert digits[-8:] not in out.replace(" ", "").replace("-", "")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ssn=ssns(), before=surrounding, after=surrounding)
+def test_every_valid_ssn_in_any_text_is_redacted(redactor: Redactor, ssn: str, before: str, after: str) -> None:
+    out = redactor.redact_text(f"{before} {ssn} {after}")
+    assert ssn not in out
+    assert "[REDACTED:ssn]" in out
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(digits=st.text("0123456789", min_size=13, max_size=19))
+def test_luhn_invalid_digit_runs_are_kept(redactor: Redactor, digits: str) -> None:
+    if luhn_valid(digits):
+        digits = digits[:-1] + str((int(digits[-1]) + 1) % 10)
+    assert not luhn_valid(digits)
+    text = f"order {digits} shipped"
+    assert redactor.redact_text(text) == text
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(millis=st.integers(946_684_800_000, 3_999_999_999_999))
+def test_epoch_millisecond_timestamps_are_kept(redactor: Redactor, millis: int) -> None:
+    # Years 2000–2096. From 2096 on, 13-digit milliseconds start with 4 and a
+    # tenth of them are valid Visa-13 numbers: no validator can tell them apart.
+    text = f'{{"ts": {millis}, "msg": "tick at {millis}"}}'
+    assert redactor.redact_text(text) == text
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.uuids())
+def test_uuids_are_kept(redactor: Redactor, value: object) -> None:
+    text = f"request {value} done"
+    assert redactor.redact_text(text) == text
+
+
+def test_card_validation_needs_luhn_issuer_and_length() -> None:
+    assert is_card_number("4111111111111111")
+    assert not is_card_number("4111111111111112")  # Luhn
+    assert not is_card_number("1111111111111117")  # no issuer starts with 1
+    nine = luhn_complete("911111111111111")
+    assert luhn_valid(nine) and not is_card_number(nine)
+    assert card_issuer("378282246310005") == "amex"
+    assert not is_card_number(luhn_complete("3782822463100"))  # amex needs 15 digits, this is 14
+    assert card_issuer("5555555555554444") == "mastercard"
+
+
+def test_never_issued_ssns_are_kept(redactor: Redactor) -> None:
+    for value in ("000-12-3456", "666-12-3456", "900-12-3456", "999-12-3456", "123-00-4567", "123-45-0000"):
+        assert not is_ssn(*value.split("-"))
+        assert redactor.redact_text(f"id {value}") == f"id {value}"
+    assert redactor.redact_text("dates 2026-11-25 and 12-34-5678") == "dates 2026-11-25 and 12-34-5678"
+
+
+@pytest.mark.parametrize(("text", "kept", "gone"), [
+    ("Authorization: Bearer abc.def.ghijkl123", "Authorization: Bearer ", "ghijkl123"),
+    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_abcdef", "jwt ", "eyJhbGciOiJIUzI1NiJ9"),
+    ("login password=hunter2 user=bob", "user=bob", "hunter2"),
+    ('cfg {"db_password": "s3 cr3t"}', '"db_password": "', "s3 cr3t"),
+    ("postgres://bob:pw123@db:5432/x", "postgres://bob:", "pw123"),
+    ("key AKIAIOSFODNN7EXAMPLE used", "key ", "AKIAIOSFODNN7EXAMPLE"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----", "", "MIIEow"),
+    ("api_key: sk_live_abcdefghijklmnop1234", "api_key: ", "abcdefghijklmnop1234"),
+])
+def test_secrets_are_redacted_and_their_labels_kept(redactor: Redactor, text: str, kept: str, gone: str) -> None:
+    out = redactor.redact_text(text)
+    assert gone not in out
+    assert kept in out
+    assert "[REDACTED:secrets]" in out
+
+
+def test_ordinary_words_near_secret_keywords_are_kept(redactor: Redactor) -> None:
+    for text in ("token validation failed", "basic authentication is disabled", "the password was changed"):
+        assert redactor.redact_text(text) == text
+
+
+def test_opt_in_rules_email_and_ip() -> None:
+    plain = Redactor(RedactConfig())
+    text = "mail bob@example.com from 10.1.2.3 and 2001:db8::1 at 12:30:45"
+    assert plain.redact_text(text) == text
+    full = Redactor(RedactConfig(rules=["email", "ipv4", "ipv6"]))
+    out = full.redact_text(text)
+    assert "bob@example.com" not in out and "10.1.2.3" not in out and "2001:db8::1" not in out
+    assert "12:30:45" in out  # a time is not an address
+    assert full.redact_text("version 1.2.3.999") == "version 1.2.3.999"
+
+
+def test_custom_rule_and_per_rule_modes() -> None:
+    cfg = RedactConfig(custom=[CustomRedactRule("employee", r"EMP-\d{6}")], mode="hash", hash_key="k1",
+                       modes={"credit_card": "partial"})
+    r = Redactor(cfg)
+    out = r.redact_text("EMP-123456 paid with 4111 1111 1111 1111")
+    assert "EMP-123456" not in out and out.startswith("[REDACTED:employee:")
+    assert "[REDACTED:credit_card:…1111]" in out
+    assert r.counts["employee"] == 1 and r.counts["credit_card"] == 1
+
+
+def test_hash_mode_is_keyed_and_joinable() -> None:
+    a = Redactor(RedactConfig(mode="hash", hash_key="one"))
+    b = Redactor(RedactConfig(mode="hash", hash_key="two"))
+    first = a.redact_text("ssn 123-45-6789")
+    assert first == a.redact_text("ssn 123 45 6789")  # same value, same token
+    assert first != b.redact_text("ssn 123-45-6789")  # another key, another token
+    assert "6789" not in first
+
+
+def test_hash_mode_without_key_is_a_config_error() -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        convert({"mode": "hash"}, RedactConfig, base_path="agent.redact")
+    assert "hash_key" in str(info.value)
+    with pytest.raises(ConfigInvalid) as info:
+        convert({"custom": [{"name": "x", "pattern": "("}]}, RedactConfig, base_path="agent.redact")
+    assert "agent.redact.custom[0]" in str(info.value)
+
+
+def test_record_fields_context_keys_stack_and_tags_are_redacted(redactor: Redactor) -> None:
+    record = Record(
+        "2026-01-01T00:00:00Z", "ERROR", "web", "paid 4111111111111111",
+        context={"Password": "hunter2", "nested": {"api-key": 12345, "note": "ssn 123-45-6789"},
+                 "items": [{"card": "5555 5555 5555 4444"}], "count": 3},
+        error_stack="Traceback\n  token=abcdef123", tags=["user 123-45-6789"], user_agent="curl",
+    )
+    out = redactor.redact_record(record)
+    assert out.message == "paid [REDACTED:credit_card]"
+    assert out.context == {"Password": "[REDACTED:key]", "nested": {"api-key": "[REDACTED:key]",
+                           "note": "ssn [REDACTED:ssn]"}, "items": [{"card": "[REDACTED:credit_card]"}], "count": 3}
+    assert out.error_stack is not None and "abcdef123" not in out.error_stack
+    assert out.tags == ["user [REDACTED:ssn]"]
+    assert record.message == "paid 4111111111111111"  # the input is not mutated
+    clean = Record("2026-01-01T00:00:00Z", "INFO", "web", "all good", context={"n": 1})
+    assert redactor.redact_record(clean) is clean
+
+
+def test_disabled_redaction_changes_nothing() -> None:
+    r = Redactor(RedactConfig(enabled=False))
+    assert r.redact_text("4111 1111 1111 1111") == "4111 1111 1111 1111"
+
+
+def test_hit_positions_point_at_candidate_lines(redactor: Redactor) -> None:
+    data = b'{"msg":"ok"}\n{"msg":"card 4111111111111111"}\n{"msg":"fine"}\n'
+    hits = redactor.hit_positions(data)
+    assert hits and all(13 <= h < 46 for h in hits)
+
+
+def test_redact_command_prints_stdin_redacted(tmp_path: object) -> None:
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "redact", "--counts"],
+                         input="card 4111 1111 1111 1111\nnothing here\n", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "card [REDACTED:credit_card]\nnothing here\n"
+    assert "credit_card: 1" in out.stderr
+
+
+def test_chunk_prefilter_dismisses_digit_runs_without_a_card_or_ssn(redactor: Redactor) -> None:
+    lines = [b'{"id":"845e0070-6377-1412-9312-aa"}', b'{"m":"card 4111 1111 1111 1111"}',
+             b'{"m":"ts 1732512000000"}', b'{"m":"x 123-45-6789-1234"}', b'{"password":"x"}']
+    data = b"\n".join(lines) + b"\n"
+    starts = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
+    hit_lines = {max(i for i, s in enumerate(starts) if s <= pos) for pos in redactor.hit_positions(data)}
+    assert hit_lines == {1, 3, 4}
