@@ -9,6 +9,8 @@ stops everything cleanly.
 
 from __future__ import annotations
 
+import email
+import http.server
 import json
 import os
 import random
@@ -34,7 +36,7 @@ MESSAGES = [
     ("DEBUG", "cache hit for key order:{n}"),
     ("WARN", "slow query took {ms} ms"),
     ("ERROR", "payment declined for card 4111 1111 1111 1111"),
-    ("ERROR", "upstream timeout after {ms} ms"),
+    ("ERROR", "upstream timeout calling the inventory service"),
     ("INFO", "charge created for order {n}"),
     ("CRITICAL", "database connection pool exhausted"),
 ]
@@ -83,6 +85,55 @@ def _generate(path: Path, stop: threading.Event) -> None:
             stop.wait(0.2)
 
 
+class _WebhookPrinter(http.server.BaseHTTPRequestHandler):
+    """Stands in for the chat webhook of pipelines/examples/new-error-webhook.yaml."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            text = json.loads(body).get("text", body[:200].decode(errors="replace"))
+        except ValueError:
+            text = body[:200].decode(errors="replace")
+        print(f"[pipeline webhook] {text}", flush=True)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _start_webhook_receiver() -> http.server.ThreadingHTTPServer | None:
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 9000), _WebhookPrinter)
+    except OSError:
+        print("(port 9000 is taken: the example webhook pipeline will log delivery failures)")
+        return None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _start_smtp_sink() -> object | None:
+    """A local SMTP server on 127.0.0.1:1025 (the example config's provider) that prints what arrives."""
+    try:
+        from aiosmtpd.controller import Controller
+    except ImportError:
+        return None
+
+    class Printer:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            message = email.message_from_bytes(envelope.content)  # type: ignore[attr-defined]
+            print(f"[email] to {', '.join(envelope.rcpt_tos)}: {message['Subject']}", flush=True)  # type: ignore[attr-defined]
+            return "250 OK"
+
+    controller = Controller(Printer(), hostname="127.0.0.1", port=1025)
+    try:
+        controller.start()
+    except Exception:
+        print("(port 1025 is taken: emails go to whatever listens there)")
+        return None
+    return controller
+
+
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,14 +156,20 @@ def main() -> int:
     env["LOGFERRY_INGEST_TOKEN"] = _token(env, "ingest", "demo-agent")
     admin = _token(env, "admin", "demo-admin")
 
-    collector = subprocess.Popen([str(BIN / "logferry-collector"), "serve", "-c", str(CONFIG)], env=env)
+    webhooks = _start_webhook_receiver()
+    smtp = _start_smtp_sink()
+    collector_log = (DATA / "collector.log").open("ab")
+    agent_log = (DATA / "agent.log").open("ab")
+    collector = subprocess.Popen([str(BIN / "logferry-collector"), "serve", "-c", str(CONFIG)], env=env,
+                                 stdout=collector_log, stderr=subprocess.STDOUT)
     url = "http://127.0.0.1:8080"
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     generator = threading.Thread(target=_generate, args=(DATA / "logs" / "demo.log", stop), daemon=True)
     try:
         _wait_ready(url, collector)
-        agent = subprocess.Popen([str(BIN / "logferry-agent"), "run", "-c", str(CONFIG)], env=env)
+        agent = subprocess.Popen([str(BIN / "logferry-agent"), "run", "-c", str(CONFIG)], env=env,
+                                 stdout=agent_log, stderr=subprocess.STDOUT)
         generator.start()
         print(
             "\nlogferry is running: a collector on 127.0.0.1:8080 (chDB under ./data/clickhouse) and an agent\n"
@@ -120,6 +177,8 @@ def main() -> int:
             f"  curl -s -H 'Authorization: Bearer {admin}' \\\n"
             f"    '{url}/v1/logs?level=WARN&start=-15m&limit=5'\n\n"
             f"  curl -s -H 'Authorization: Bearer {admin}' '{url}/v1/logs?q=payment&limit=3'\n\n"
+            "Logs of the processes: ./data/collector.log, ./data/agent.log. The example pipelines'\n"
+            "webhooks and emails are received locally and printed below as they fire.\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
@@ -140,6 +199,12 @@ def main() -> int:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        collector_log.close()
+        agent_log.close()
+        if webhooks is not None:
+            webhooks.shutdown()
+        if smtp is not None:
+            smtp.stop()  # type: ignore[attr-defined]
         print("stopped.", flush=True)
 
 
