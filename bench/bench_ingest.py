@@ -59,7 +59,7 @@ def make_batches(n: int, size: int) -> list[bytes]:
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def run(batches: int, size: int, concurrency: int) -> None:

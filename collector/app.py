@@ -31,8 +31,19 @@ log = logging.getLogger("logferry.collector")
 # Modules whose ``setup(app)`` adds a feature, in this order (services that
 # others use come first; pipelines last, since their steps use the services).
 FEATURES: tuple[str, ...] = (
+    # First: email, notifications and contact read app[PLUGINS] in their setup.
+    "plugins.host",
     "collector.logs_api",
     "collector.tokens_api",
+    "collector.histogram",
+    "collector.tail",
+    "collector.erasure",
+    "collector.retention",
+    "collector.email",
+    "collector.notifications",
+    "collector.contact",
+    # Last: starts after the services its steps use, stops before them.
+    "pipelines.service",
 )
 
 # Email attachments may total 25 MB, which is about 34 MB as base64 JSON.

@@ -19,9 +19,14 @@ from collector.storage import Storage
 if TYPE_CHECKING:
     from agent.redact import Redactor
     from collector.auth import TokenService
+    from collector.contact.intake import ContactService
     from collector.email.service import EmailService
+    from collector.erasure import UserEraser
     from collector.ingest import LogWriter, RetentionPolicy
     from collector.metrics import Metrics
+    from collector.notifications.service import NotificationService
+    from collector.notifications.users import UsersDirectory
+    from collector.tail import TailHub
 
 CONFIG = web.AppKey("config", CollectorConfig)
 STORAGE = web.AppKey("storage", Storage)
@@ -36,3 +41,8 @@ TRUSTED_PROXIES: web.AppKey[Sequence[IPv4Network | IPv6Network]] = web.AppKey("t
 # The pluggy manager (plugins.manager.LogferryPluginManager), set by the pipelines/plugins feature.
 PLUGINS: web.AppKey[Any] = web.AppKey("plugins")
 EMAIL: web.AppKey[EmailService] = web.AppKey("email")
+NOTIFIER: web.AppKey[NotificationService] = web.AppKey("notifier")
+USERS: web.AppKey[UsersDirectory] = web.AppKey("users")
+CONTACT: web.AppKey[ContactService] = web.AppKey("contact")
+TAIL_HUB: web.AppKey[TailHub] = web.AppKey("tail_hub")
+ERASER: web.AppKey[UserEraser] = web.AppKey("eraser")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import fnmatch
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from agent.wire import Level, parse_level
+from collector.source_globs import glob_match
 from collector.storage import Storage, new_version
 
 log = logging.getLogger("logferry.collector.auth")
@@ -40,6 +41,7 @@ ALGORITHM = "HS256"
 ISSUER = "logferry"
 KINDS = ("admin", "ingest", "logs", "user", "service")
 DEFAULT_TTL = dt.timedelta(hours=24)
+MAX_TTL = dt.timedelta(days=3650)
 BOOTSTRAP_TTL = dt.timedelta(minutes=5)
 PRINCIPAL = web.RequestKey("principal", object)
 
@@ -87,7 +89,7 @@ class TokenScope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
         return None if len(names) == len(Level) else names
 
     def allows_source(self, source: str) -> bool:
-        return not self.sources or any(fnmatch.fnmatchcase(source, p) for p in self.sources)
+        return not self.sources or any(glob_match(p, source) for p in self.sources)
 
 
 class TokenRecord(msgspec.Struct, kw_only=True):
@@ -104,12 +106,19 @@ class TokenRecord(msgspec.Struct, kw_only=True):
     use_count: int = 0
     ip_whitelist: list[str] = []
     revoked: bool = False
+    version: int = 0
 
     def public(self) -> dict[str, Any]:
         """Everything but the secret (and its hash)."""
         out = msgspec.to_builtins(self)
         out.pop("token_hash", None)
+        out.pop("version", None)
+        out["active"] = not self.revoked and self.expires_at > dt.datetime.now(dt.UTC)
         return out
+
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return _networks(tuple(self.ip_whitelist))
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -141,7 +150,19 @@ def _ms(value: dt.datetime | None) -> str | None:
 
 
 def parse_networks(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    """CIDRs (or single addresses) as networks; ValueError names a bad entry."""
+    out = []
+    for cidr in cidrs:
+        try:
+            out.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"ip_whitelist: {cidr!r} is not an IPv4 or IPv6 address or CIDR") from None
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _networks(cidrs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return parse_networks(cidrs)
 
 
 def ip_in(ip: str | None, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
@@ -188,7 +209,15 @@ def mint_token(secret: str, token_id: str, kind: str, expires_at: dt.datetime, *
 
 
 class TokenService:
-    """Mints, stores and checks tokens; keeps every record in memory."""
+    """Mints, stores and checks tokens; keeps every record in memory.
+
+    Revocation is immediate on this collector (the record in memory changes
+    first) and reaches other collectors sharing the storage within
+    ``reload_interval`` (a cheap ``version >`` poll of the small tokens table).
+    Usage is counted in memory and appended as deltas to ``log_token_usage``
+    every ``flush_interval``: no storage write per request, and no lost counts
+    between collectors.
+    """
 
     def __init__(self, storage: Storage, secret_key: str, *, clock: Callable[[], float] = time.time):
         self.storage = storage
@@ -196,7 +225,13 @@ class TokenService:
         self._clock = clock
         self._by_hash: dict[str, TokenRecord] = {}
         self._by_id: dict[str, TokenRecord] = {}
-        self._dirty: set[str] = set()
+        # Usage not yet written: token id → (uses, last used).
+        self._pending: dict[str, tuple[int, dt.datetime]] = {}
+        # Stored usage sums: token id → (uses, last used).
+        self._stored_usage: dict[str, tuple[int, dt.datetime | None]] = {}
+        self._max_version = 0
+        self.reload_interval = 1.0
+        self.flush_interval = 10.0
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
@@ -210,30 +245,56 @@ class TokenService:
             expires_at=_utc(row["expires_at"]) or self._now(),
             permissions=msgspec.convert(orjson.loads(row["permissions"] or "{}"), TokenScope),
             user_id=row["user_id"], last_used=_utc(row["last_used"]), use_count=row["use_count"],
-            ip_whitelist=list(row["ip_whitelist"]), revoked=bool(row["revoked"]),
+            ip_whitelist=list(row["ip_whitelist"]), revoked=bool(row["revoked"]), version=int(row["version"]),
         )
 
-    def load_sync(self) -> None:
-        rows = self.storage.query_sync("SELECT * FROM log_access_tokens FINAL")
+    def _apply_rows(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             record = self._row_to_record(row)
+            self._max_version = max(self._max_version, record.version)
             current = self._by_id.get(record.id)
-            if current is not None and record.id in self._dirty:
-                # Keep our unsaved usage counts; take the stored revocation.
-                current.revoked = current.revoked or record.revoked
-                continue
+            if current is not None:
+                if current.version >= record.version:
+                    continue
+                # A revocation is never undone by an older writer's row.
+                record.revoked = record.revoked or current.revoked
+            self._with_usage(record)
             self._by_id[record.id] = record
             self._by_hash[record.token_hash] = record
+
+    def _with_usage(self, record: TokenRecord) -> None:
+        uses, last = self._stored_usage.get(record.id, (0, None))
+        pending = self._pending.get(record.id)
+        if pending is not None:
+            uses += pending[0]
+            last = pending[1] if last is None or pending[1] > last else last
+        record.use_count = uses
+        record.last_used = last
+
+    def load_sync(self) -> None:
+        """Every token and its usage (on start)."""
+        self._load_usage_sync()
+        self._apply_rows(self.storage.query_sync("SELECT * FROM log_access_tokens FINAL"))
+
+    def reload_sync(self) -> int:
+        """Pick up tokens created, revoked or changed elsewhere since the last look."""
+        rows = self.storage.query_sync(
+            "SELECT * FROM log_access_tokens WHERE version > {v:UInt64} ORDER BY version", {"v": self._max_version})
+        self._apply_rows(rows)
+        return len(rows)
+
+    def _load_usage_sync(self) -> None:
+        rows = self.storage.query_sync(
+            "SELECT token_id, sum(uses) AS uses, max(last_used) AS last_used FROM log_token_usage GROUP BY token_id")
+        self._stored_usage = {r["token_id"]: (int(r["uses"]), _utc(r["last_used"])) for r in rows}
+        for record in self._by_id.values():
+            self._with_usage(record)
 
     def _lookup_sync(self, digest: str) -> TokenRecord | None:
         rows = self.storage.query_sync(
             "SELECT * FROM log_access_tokens FINAL WHERE token_hash = {h:String}", {"h": digest})
-        if not rows:
-            return None
-        record = self._row_to_record(rows[0])
-        self._by_id[record.id] = record
-        self._by_hash[record.token_hash] = record
-        return record
+        self._apply_rows(rows)
+        return self._by_hash.get(digest)
 
     async def load(self) -> None:
         await self.storage.run(self.load_sync)
@@ -243,19 +304,31 @@ class TokenService:
             "id": r.id, "token_hash": r.token_hash, "kind": r.kind, "name": r.name,
             "created_by": r.created_by, "created_at": _ms(r.created_at), "expires_at": _ms(r.expires_at),
             "permissions": orjson.dumps(msgspec.to_builtins(r.permissions)).decode(),
-            "user_id": r.user_id, "last_used": _ms(r.last_used), "use_count": r.use_count,
-            "ip_whitelist": r.ip_whitelist, "revoked": r.revoked, "version": new_version(),
+            "user_id": r.user_id, "last_used": None, "use_count": 0,
+            "ip_whitelist": r.ip_whitelist, "revoked": r.revoked, "version": r.version,
         }
 
     def save_sync(self, record: TokenRecord) -> None:
+        record.version = new_version()
         self.storage.insert_rows_sync("log_access_tokens", [self._record_row(record)])
+        self._max_version = max(self._max_version, record.version)
 
     def flush_usage_sync(self) -> int:
-        """Write back usage counters of tokens used since the last flush."""
-        dirty, self._dirty = self._dirty, set()
-        rows = [self._record_row(self._by_id[i]) for i in dirty if i in self._by_id]
-        if rows:
-            self.storage.insert_rows_sync("log_access_tokens", rows)
+        """Append the usage counted since the last flush; returns the tokens written."""
+        pending, self._pending = self._pending, {}
+        rows = [{"token_id": token_id, "uses": uses, "last_used": _ms(last)}
+                for token_id, (uses, last) in pending.items()]
+        try:
+            self.storage.insert_rows_sync("log_token_usage", rows)
+        except Exception:
+            # Keep the counts for the next flush.
+            for token_id, (uses, last) in pending.items():
+                more, later = self._pending.get(token_id, (0, last))
+                self._pending[token_id] = (uses + more, max(last, later))
+            raise
+        for token_id, (uses, last) in pending.items():
+            stored, stored_last = self._stored_usage.get(token_id, (0, None))
+            self._stored_usage[token_id] = (stored + uses, last if stored_last is None else max(last, stored_last))
         return len(rows)
 
     # --- minting -------------------------------------------------------------
@@ -269,20 +342,30 @@ class TokenService:
                     permissions: TokenScope | None = None, ip_whitelist: Sequence[str] = (),
                     user_id: str | None = None) -> tuple[TokenRecord, str]:
         """Create and store a token; returns the record and the token string
-        (the only time it exists outside the caller's hands)."""
+        (the only time it exists outside the caller's hands). ValueError names
+        the bad field."""
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}")
         if not name or len(name) > 200:
-            raise ValueError("name must be 1–200 characters")
+            raise ValueError("name: must be 1–200 characters")
         ttl = DEFAULT_TTL if expires_in is None else expires_in
         if ttl.total_seconds() <= 0:
-            raise ValueError("expires_in must be in the future")
+            raise ValueError("expires_in: must be in the future")
+        if ttl > MAX_TTL:
+            raise ValueError(f"expires_in: at most {MAX_TTL.days} days")
         if kind == "logs" and (permissions is None or (not permissions.sources and permissions.min_level is None
                                                        and permissions.levels is None)):
-            raise ValueError("permissions must define the allowed sources and/or levels of a logs token")
+            raise ValueError("permissions: a logs token must define its allowed sources and/or levels")
+        if permissions is not None and kind not in ("logs",) and (permissions.sources or permissions.min_level
+                                                                 or permissions.levels is not None):
+            raise ValueError("permissions: only logs tokens are scoped by sources and levels")
         if kind == "user" and not user_id:
-            raise ValueError("user_id is required for a user token")
-        parse_networks(ip_whitelist)  # raises ValueError naming the bad entry
+            raise ValueError("user_id: required for a user token")
+        if user_id is not None and (not user_id or len(user_id) > 256):
+            raise ValueError("user_id: must be 1–256 characters")
+        if len(ip_whitelist) > 100:
+            raise ValueError("ip_whitelist: at most 100 entries")
+        networks = parse_networks(ip_whitelist)  # raises ValueError naming the bad entry
         now = self._now()
         token_id = uuid.uuid4().hex
         expires_at = now + ttl
@@ -290,7 +373,7 @@ class TokenService:
         record = TokenRecord(
             id=token_id, token_hash=hash_token(token), kind=kind, name=name, created_by=created_by,
             created_at=now, expires_at=expires_at, permissions=permissions or TokenScope(),
-            user_id=user_id, ip_whitelist=list(ip_whitelist),
+            user_id=user_id, ip_whitelist=[str(n) for n in networks],
         )
         self.save_sync(record)
         self._by_id[token_id] = record
@@ -301,47 +384,74 @@ class TokenService:
         return await self.storage.run(lambda: self.create_sync(**kwargs))
 
     def revoke_sync(self, token_id: str) -> TokenRecord | None:
+        """Revoke (idempotent); None when no such token exists."""
         record = self._by_id.get(token_id)
         if record is None:
-            return None
-        record.revoked = True
+            self._apply_rows(self.storage.query_sync(
+                "SELECT * FROM log_access_tokens FINAL WHERE id = {id:String}", {"id": token_id}))
+            record = self._by_id.get(token_id)
+            if record is None:
+                return None
+        record.revoked = True  # refused from this moment on, before the write
         self.save_sync(record)
         return record
 
     async def revoke(self, token_id: str) -> TokenRecord | None:
+        record = self._by_id.get(token_id)
+        if record is not None:
+            record.revoked = True
         return await self.storage.run(self.revoke_sync, token_id)
+
+    def revoke_user_tokens_sync(self, user_id: str) -> list[str]:
+        """Revoke every token bound to ``user_id`` (erasure)."""
+        self._apply_rows(self.storage.query_sync(
+            "SELECT * FROM log_access_tokens FINAL WHERE user_id = {u:String}", {"u": user_id}))
+        ids = [r.id for r in self._by_id.values() if r.user_id == user_id and not r.revoked]
+        for token_id in ids:
+            self.revoke_sync(token_id)
+        return ids
 
     def list(self) -> list[TokenRecord]:
         return sorted(self._by_id.values(), key=lambda r: r.created_at)
 
+    def get(self, token_id: str) -> TokenRecord | None:
+        return self._by_id.get(token_id)
+
+    def is_active(self, token_id: str) -> bool:
+        """Whether a token still may be used (long-lived streams check this)."""
+        record = self._by_id.get(token_id)
+        if record is None:
+            return token_id.startswith("bootstrap:")
+        return not record.revoked and record.expires_at > self._now()
+
     # --- checking ------------------------------------------------------------
 
     async def verify(self, token: str, ip: str | None) -> Principal:
-        """The principal of a token, or AuthError(401) for anything wrong with the
-        token itself and AuthError(403) for a valid token used from outside its
-        IP whitelist."""
+        """The principal of a token, or AuthError(401) for anything wrong with it:
+        malformed, wrongly signed, another algorithm, expired, revoked, unknown,
+        or used from outside its IP whitelist. The answer never says which."""
         try:
             claims = jwt.decode(
                 token, self._secret, algorithms=[ALGORITHM], issuer=ISSUER,
-                options={"require": ["jti", "exp", "iat"]},
+                options={"require": ["jti", "exp", "iat", "iss"]},
             )
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, TypeError):
             raise AuthError(401) from None
         kind = claims.get("knd")
-        if kind not in KINDS:
+        if kind not in KINDS or not isinstance(claims.get("jti"), str):
             raise AuthError(401)
         if claims.get("bst") is True:
             # A short-lived admin token the CLI mints from secret_key to reach a
             # running collector; only from this machine.
             if kind != "admin" or claims["exp"] - claims["iat"] > BOOTSTRAP_TTL.total_seconds():
                 raise AuthError(401)
-            if ip is None or not ipaddress.ip_address(ip).is_loopback:
+            if not _is_loopback(ip):
                 raise AuthError(401)
-            return Principal(token_id=str(claims["jti"]), kind="admin", name="cli")
+            return Principal(token_id=f"bootstrap:{claims['jti']}", kind="admin", name="cli")
         digest = hash_token(token)
         record = self._by_hash.get(digest)
         if record is None:
-            # Signed by our key but not yet known here: created by another
+            # Signed by our key but not known here yet: created by another
             # process or collector. Only correctly signed tokens get this far.
             record = await self.storage.run(self._lookup_sync, digest)
         if record is None or not hmac.compare_digest(record.token_hash, digest):
@@ -349,15 +459,28 @@ class TokenService:
         now = self._now()
         if record.revoked or record.expires_at <= now or record.id != claims["jti"] or record.kind != kind:
             raise AuthError(401)
-        if record.ip_whitelist and not ip_in(ip, parse_networks(record.ip_whitelist)):
-            raise AuthError(403, "forbidden")
+        if record.ip_whitelist and not ip_in(ip, record.networks):
+            raise AuthError(401)
+        uses, _ = self._pending.get(record.id, (0, now))
+        self._pending[record.id] = (uses + 1, now)
         record.last_used = now
         record.use_count += 1
-        self._dirty.add(record.id)
         return Principal(
             token_id=record.id, kind=record.kind, name=record.name, user_id=record.user_id,
             scope=record.permissions if record.kind == "logs" else None,
         )
+
+
+def _is_loopback(ip: str | None) -> bool:
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
 
 
 def bearer(request: web.Request) -> str | None:
@@ -403,13 +526,18 @@ def principal_of(request: web.Request) -> Principal:
     return value
 
 
-async def usage_flusher(service: TokenService, interval: float = 10.0) -> None:
-    """Background task: write usage counters back and pick up tokens other
-    collectors created or revoked."""
+async def usage_flusher(service: TokenService, interval: float | None = None) -> None:
+    """Background task: every ``service.reload_interval`` pick up tokens other
+    collectors created or revoked; every ``service.flush_interval`` write usage
+    back and re-read the usage sums."""
+    last_flush = time.monotonic()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(service.reload_interval)
         try:
-            await service.storage.run(service.flush_usage_sync)
-            await service.load()
+            await service.storage.run(service.reload_sync)
+            if time.monotonic() - last_flush >= (interval or service.flush_interval):
+                last_flush = time.monotonic()
+                await service.storage.run(service.flush_usage_sync)
+                await service.storage.run(service._load_usage_sync)
         except Exception:
-            log.exception("token usage flush failed")
+            log.exception("token reload or usage flush failed")

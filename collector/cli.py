@@ -17,6 +17,7 @@ from typing import Any
 from agent.configfile import ConfigInvalid, Duration
 from collector.config import CollectorConfig, load_collector_config
 from collector.storage import StorageLocked, StorageUnavailable, open_storage
+from plugins.manager import PluginLoadError
 
 log = logging.getLogger("logferry.collector")
 
@@ -128,7 +129,15 @@ def _with_storage_or_api(config: CollectorConfig, direct: Any, via_api: Any) -> 
                 f"{config.listen} ({exc}). Stop the other process or start the collector."
             ) from None
     except StorageUnavailable as exc:
-        raise SystemExit(f"error: {exc}") from None
+        # chDB does not always say "Cannot lock file" in the exception (the
+        # detail may go to stderr only): a running collector may still be the
+        # cause, so ask it before giving up.
+        if not config.storage.dsn.startswith("chdb://"):
+            raise SystemExit(f"error: {exc}") from None
+        try:
+            return via_api()
+        except OSError as api_exc:
+            raise SystemExit(f"error: {exc}; and no collector answers at {config.listen} ({api_exc})") from None
     try:
         from collector.schema import migrate
 
@@ -294,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigInvalid as exc:
         return _print_errors(exc)
+    except PluginLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

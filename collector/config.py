@@ -12,7 +12,10 @@ import msgspec
 
 from agent.config import RedactConfig
 from agent.configfile import ByteSize, Duration, YamlDocument, load_yaml, section
+from collector.contact.config import ContactConfig
 from collector.email.config import EmailConfig
+from collector.logs_config import QueryConfig
+from collector.notifications.config import NotificationsConfig
 
 TIERS = {"standard": 30, "premium": 90, "enterprise": 365}
 
@@ -84,6 +87,10 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     trusted_proxies: list[str] = []
     plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
     email: EmailConfig = msgspec.field(default_factory=EmailConfig)
+    notifications: NotificationsConfig = msgspec.field(default_factory=NotificationsConfig)
+    contact: ContactConfig = msgspec.field(default_factory=ContactConfig)
+    # Log reading limits: query range and timeout, exports, histograms, tails, token reloads.
+    query: QueryConfig = msgspec.field(default_factory=QueryConfig)
     # Restrict /metrics to admin tokens.
     metrics_require_token: bool = False
 

@@ -1,86 +1,180 @@
-"""Log reading endpoints: ``GET /v1/logs`` (page or NDJSON stream)."""
+"""``GET /v1/logs``: one page of logs (JSON) or every match (NDJSON export).
+
+Both are served from JSON lines that ClickHouse renders itself, so neither a
+page nor an export builds Python objects per row; an export pages by keyset
+(``(timestamp, id)``), so its memory is bounded by one page whatever it streams.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
-import orjson
+import msgspec
 from aiohttp import web
 
 from collector import appkeys
-from collector.auth import principal_of, requires
+from collector.auth import Principal, TokenScope, principal_of, requires
 from collector.errors import ApiError
 from collector.logquery import (
     LogQuery,
     QueryError,
+    SearchWindows,
     apply_scope,
-    cursor_after,
+    cursor_from_line,
     encode_cursor,
     parse_query,
-    render_log,
-    select_sql,
+    select_json_sql,
 )
+from collector.storage import Storage
 
-NDJSON_PAGE = 10_000
-MAX_RANGE = dt.timedelta(days=31)
+log = logging.getLogger("logferry.collector.logs")
+
+NDJSON = "application/x-ndjson"
 
 
 def cursor_secret(app: web.Application) -> bytes:
-    return hashlib.sha256(b"cursor:" + app[appkeys.CONFIG].secret_key.encode()).digest()
+    return hashlib.sha256(b"logferry-cursor:" + app[appkeys.CONFIG].secret_key.encode()).digest()
 
 
-def query_from_request(request: web.Request) -> tuple[LogQuery | None, object]:
-    """The request's query narrowed to the caller's scope (None: nothing can match)."""
-    principal = principal_of(request)
+def query_settings(app: web.Application) -> dict[str, Any]:
+    """ClickHouse settings of every read: the configured time limit."""
+    timeout = app[appkeys.CONFIG].query.query_timeout
+    return {"max_execution_time": max(1, round(timeout)), "timeout_overflow_mode": "throw"}
+
+
+def parse_log_query(request: web.Request, **kwargs: Any) -> LogQuery:
+    """The request's query as sent (ApiError 400 naming a bad parameter)."""
+    config = request.app[appkeys.CONFIG].query
     try:
-        query = parse_query(request.query, now=dt.datetime.now(dt.UTC), cursor_secret=cursor_secret(request.app),
-                            max_range=MAX_RANGE)
+        return parse_query(request.query, now=dt.datetime.now(dt.UTC), cursor_secret=cursor_secret(request.app),
+                           max_range=dt.timedelta(seconds=config.max_range), limit_max=config.max_limit, **kwargs)
     except QueryError as exc:
         raise ApiError(400, "bad_parameter", str(exc)) from None
-    return apply_scope(query, principal.scope), principal.scope
 
 
-def _settings(app: web.Application) -> dict[str, object]:
-    return {"max_execution_time": int(app[appkeys.CONFIG].storage.query_timeout) or 10}
+def parse_request(request: web.Request, **kwargs: Any) -> tuple[LogQuery | None, Principal]:
+    """The request's query narrowed to the caller's scope (None: nothing can match)."""
+    principal = principal_of(request)
+    return apply_scope(parse_log_query(request, **kwargs), principal.scope), principal
+
+
+def storage_error(exc: Exception, timeout: float) -> ApiError:
+    """A storage failure as an API error; a timeout says which limit it hit."""
+    text = str(exc)
+    if "TIMEOUT_EXCEEDED" in text or "Timeout exceeded" in text or "(159)" in text:
+        return ApiError(504, "query_timeout",
+                        f"the query ran longer than the {timeout:g}s limit; narrow the range or the filters")
+    if "TOO_MANY_ROWS" in text or "MEMORY_LIMIT" in text:
+        return ApiError(507, "query_too_large", "the query needs more than the server allows; narrow it")
+    log.error("log query failed", extra={"error": text[:500]})
+    return ApiError(503, "storage_unavailable", "storage did not answer the query; retry later")
+
+
+async def json_lines(storage: Storage, sql: str, params: dict[str, Any], settings: dict[str, Any]) -> list[bytes]:
+    """The rows of a JSON-line query (see :func:`select_json_sql`)."""
+
+    def run() -> bytes:
+        return bytes(storage.client.raw_query(sql, parameters=params, settings=settings, fmt="TSVRaw"))
+
+    raw = await storage.run(run)
+    return raw.split(b"\n")[:-1] if raw else []
+
+
+async def fetch_page(app: web.Application, query: LogQuery, scope: TokenScope | None, limit: int) -> list[bytes]:
+    """Up to ``limit`` rendered logs in page order, searching from the leading edge
+    of the range in growing windows (see :class:`SearchWindows`)."""
+    storage = app[appkeys.STORAGE]
+    settings = query_settings(app)
+    timeout = app[appkeys.CONFIG].query.query_timeout
+    windows = SearchWindows(query)
+    lines: list[bytes] = []
+    while (window := windows.next(len(lines), limit)) is not None:
+        sql, params = select_json_sql(query, scope, limit=limit - len(lines), start=window[0], end=window[1])
+        try:
+            lines.extend(await json_lines(storage, sql, params, settings))
+        except Exception as exc:
+            raise storage_error(exc, timeout) from None
+    return lines
 
 
 @requires("admin", "logs")
 async def get_logs(request: web.Request) -> web.StreamResponse:
-    query, scope = query_from_request(request)
-    if "application/x-ndjson" in request.headers.get("Accept", ""):
-        return await _stream_ndjson(request, query, scope)
+    """One page (``{"logs": [...], "next_cursor"}``) or, with ``Accept:
+    application/x-ndjson``, every match as one log per line."""
+    query, principal = parse_request(request)
+    if NDJSON in request.headers.get("Accept", ""):
+        return await export_ndjson(request, query, principal.scope)
     if query is None:
         return web.json_response({"logs": [], "next_cursor": None})
-    storage = request.app[appkeys.STORAGE]
-    sql, params = select_sql(query, scope, limit=query.limit + 1)  # type: ignore[arg-type]
-    rows = await storage.query(sql, params, settings=_settings(request.app))
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
+    lines = await fetch_page(request.app, query, principal.scope, query.limit + 1)
+    more = len(lines) > query.limit
+    lines = lines[: query.limit]
     next_cursor = None
-    if more and rows:
-        next_cursor = encode_cursor(cursor_secret(request.app), cursor_after(rows[-1], query.order))
-    body = orjson.dumps({"logs": [render_log(r) for r in rows], "next_cursor": next_cursor})
+    if more:
+        next_cursor = encode_cursor(cursor_secret(request.app), cursor_from_line(lines[-1], query))
+    tail = b'],"next_cursor":' + (f'"{next_cursor}"'.encode() if next_cursor else b"null") + b"}"
+    body = b'{"logs":[' + b",".join(lines) + tail
     return web.Response(body=body, content_type="application/json")
 
 
-async def _stream_ndjson(request: web.Request, query: LogQuery | None, scope: object) -> web.StreamResponse:
-    """Every match, one log per line, paged by keyset so memory stays bounded."""
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    storage = request.app[appkeys.STORAGE]
+async def export_ndjson(request: web.Request, query: LogQuery | None,
+                        scope: TokenScope | None) -> web.StreamResponse:
+    """Every match, one log per line, in keyset pages; a final
+    ``{"truncated": true, "next_cursor": …}`` line when the export cap stops it."""
+    app = request.app
+    config = app[appkeys.CONFIG].query
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    storage = app[appkeys.STORAGE]
+    settings = query_settings(app)
+    page_rows = config.export_page_rows
+    sent = 0
+    first = True
     while query is not None:
-        sql, params = select_sql(query, scope, limit=NDJSON_PAGE)  # type: ignore[arg-type]
-        rows = await storage.query(sql, params, settings=_settings(request.app))
-        if rows:
-            await response.write(b"\n".join(orjson.dumps(render_log(r)) for r in rows) + b"\n")
-        if len(rows) < NDJSON_PAGE:
+        size = page_rows if not config.export_max_rows else min(page_rows, config.export_max_rows - sent)
+        if size <= 0:
+            cursor = encode_cursor(cursor_secret(app), query.after) if query.after else None
+            await response.write(b'{"truncated":true,"next_cursor":' + (f'"{cursor}"'.encode() if cursor else b"null")
+                                 + b"}\n")
             break
-        query = LogQuery(**{**{f: getattr(query, f) for f in query.__struct_fields__},
-                            "after": cursor_after(rows[-1], query.order)})
+        sql, params = select_json_sql(query, scope, limit=size)
+        try:
+            lines = await json_lines(storage, sql, params, settings)
+        except Exception as exc:
+            error = storage_error(exc, config.query_timeout)
+            if first:
+                raise error from None
+            # Headers are gone: say so in-band, as the last line.
+            await response.write(b'{"error":{"code":"' + error.code.encode() + b'"}}\n')
+            break
+        if first:
+            await response.prepare(request)
+            first = False
+        if lines:
+            await response.write(b"\n".join(lines) + b"\n")
+            sent += len(lines)
+        if len(lines) < size:
+            break
+        query = msgspec.structs.replace(query, after=cursor_from_line(lines[-1], query))
+    if first:
+        await response.prepare(request)
     await response.write_eof()
     return response
 
 
+async def _token_timing_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The token service is the app's (started before the features); give it
+    # this section's reload and usage-flush intervals.
+    service = app[appkeys.TOKENS]
+    config = app[appkeys.CONFIG].query
+    service.reload_interval = config.token_reload_interval
+    service.flush_interval = config.token_usage_flush_interval
+    yield
+
+
 def setup(app: web.Application) -> None:
+    app.cleanup_ctx.append(_token_timing_ctx)
     app.router.add_get("/v1/logs", get_logs)

@@ -291,7 +291,13 @@ MIGRATIONS: list[Migration] = [
 ]
 
 # Modules that hold further migrations in a list named MIGRATIONS.
-MIGRATION_MODULES: tuple[str, ...] = ("pipelines.schema", "collector.email.migrations")
+MIGRATION_MODULES: tuple[str, ...] = (
+    "pipelines.schema",
+    "collector.email.migrations",
+    "collector.logs_schema",
+    "collector.notifications.schema",
+    "collector.contact.migrations",
+)
 
 
 def all_migrations() -> list[Migration]:

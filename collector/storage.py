@@ -56,7 +56,9 @@ def _connect(dsn: str, database: str | None) -> Client:
             return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database or "default")
         except Exception as exc:
             text = str(exc)
-            if "Cannot lock file" in text or "Another server instance" in text:
+            # chDB words a held folder either way (the second without detail).
+            if any(m in text for m in ("Cannot lock file", "Another server instance",
+                                       "Error initializing EmbeddedServer")):
                 raise StorageLocked(
                     f"the data folder {path} is in use by another process (a running collector?)"
                 ) from None

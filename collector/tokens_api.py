@@ -11,7 +11,7 @@ from aiohttp import web
 
 from agent.configfile import Duration
 from collector import appkeys
-from collector.audit import record_audit
+from collector.audit import actor_of, record_audit
 from collector.auth import KINDS, TokenScope, principal_of, requires
 from collector.errors import ApiError
 
@@ -52,13 +52,16 @@ async def create_token(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", f"kind: expected one of {', '.join(KINDS)}")
     try:
         expires_in = dt.timedelta(seconds=Duration.parse(body.expires_in)) if body.expires_in is not None else None
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", f"expires_in: {exc}") from None
+    try:
         record, token = await request.app[appkeys.TOKENS].create(
-            kind=body.kind, name=body.name, created_by=principal_of(request).name, expires_in=expires_in,
+            kind=body.kind, name=body.name, created_by=actor_of(principal_of(request)), expires_in=expires_in,
             permissions=body.permissions, ip_whitelist=body.ip_whitelist, user_id=body.user_id,
         )
     except ValueError as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
-    await record_audit(request.app, actor=principal_of(request).name, action="token.create", target=record.id,
+    await record_audit(request.app, actor=actor_of(principal_of(request)), action="token.create", target=record.id,
                        details={"kind": record.kind, "name": record.name}, request=request)
     out = _public(record)
     out["token"] = token
@@ -72,12 +75,22 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 @requires("admin")
+async def get_token(request: web.Request) -> web.Response:
+    record = request.app[appkeys.TOKENS].get(request.match_info["id"])
+    if record is None:
+        raise ApiError(404, "not_found", "no token with that id")
+    return web.Response(body=orjson.dumps(_public(record)), content_type="application/json")
+
+
+@requires("admin")
 async def revoke_token(request: web.Request) -> web.Response:
     token_id = request.match_info["id"]
+    if len(token_id) > 64:
+        raise ApiError(404, "not_found", "no token with that id")
     record = await request.app[appkeys.TOKENS].revoke(token_id)
     if record is None:
         raise ApiError(404, "not_found", "no token with that id")
-    await record_audit(request.app, actor=principal_of(request).name, action="token.revoke", target=token_id,
+    await record_audit(request.app, actor=actor_of(principal_of(request)), action="token.revoke", target=token_id,
                        request=request)
     return web.Response(body=orjson.dumps(_public(record)), content_type="application/json")
 
@@ -85,4 +98,5 @@ async def revoke_token(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_get("/v1/tokens", list_tokens)
+    app.router.add_get("/v1/tokens/{id}", get_token)
     app.router.add_delete("/v1/tokens/{id}", revoke_token)

@@ -25,10 +25,12 @@ from agent.configfile import convert
 from collector.app import create_app
 from collector.auth import TokenScope, TokenService
 from collector.config import CollectorConfig
-from collector.schema import migrate
 from collector.storage import Storage
-from plugins.testing import DatabasePool, database_pool  # noqa: F401 - a fixture
+from plugins.testing import DatabasePool
 from tests.helpers import SECRET, cli, free_port
+
+# database_pool, and the fixtures plugin authors use, for every test.
+pytest_plugins = ["plugins.testing"]
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 import typing
 from typing import Any
 
@@ -36,7 +37,7 @@ def struct_paths(tp: Any, prefix: str) -> list[str]:
             args = [a for a in typing.get_args(inner) if a is not type(None)]
             if origin is typing.Annotated:
                 inner = args[0]
-            elif origin in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+            elif origin in (typing.Union, types.UnionType) and len(args) == 1:
                 inner = args[0]
             elif origin is list and args:
                 inner, suffix = args[0], suffix + "[]"

@@ -1,0 +1,50 @@
+"""Tables and indexes of log reading, tokens and retention (migrations 10–19)."""
+
+from __future__ import annotations
+
+from collector.schema import Migration
+
+MIGRATIONS = [
+    Migration(10, "token usage counters, summed across collectors", (
+        # Each collector appends its usage deltas (one row per token per flush);
+        # the sums survive restarts and never lose counts between collectors
+        # sharing a ClickHouse server (no read-modify-write of the token row).
+        """CREATE TABLE IF NOT EXISTS log_token_usage (
+            token_id String,
+            uses SimpleAggregateFunction(sum, UInt64),
+            last_used SimpleAggregateFunction(max, DateTime64(3, 'UTC'))
+        ) ENGINE = AggregatingMergeTree
+        ORDER BY token_id""",
+    )),
+    Migration(11, "per-minute counts per source and level, for histograms", (
+        # An aggregate projection: histograms over days read a few thousand rows
+        # per day instead of every log. ClickHouse uses it by itself whenever
+        # the query groups/filters by toStartOfMinute(timestamp), source, level
+        # only, and falls back to the table otherwise (full-text, user_id, ...).
+        # Lightweight DELETE (erasure) refuses to run on a table with
+        # projections unless told what to do with them: rebuild them. (Added
+        # right after the table was created, so there is nothing to materialize.)
+        """ALTER TABLE application_logs
+            MODIFY SETTING lightweight_mutation_projection_mode = 'rebuild'""",
+        """ALTER TABLE application_logs ADD PROJECTION IF NOT EXISTS p_minute_counts (
+            SELECT toStartOfMinute(timestamp), source, level, count()
+            GROUP BY toStartOfMinute(timestamp), source, level
+        )""",
+    )),
+    Migration(12, "storage strategy: notifications 7 days warm, deliveries with them (emails: 90 days already)", (
+        # A notification scheduled for later lives 7 days past its schedule.
+        """ALTER TABLE notifications MODIFY TTL
+            toDateTime(greatest(created_at, ifNull(scheduled_for, created_at))) + INTERVAL 7 DAY""",
+        "ALTER TABLE notification_deliveries MODIFY TTL toDateTime(created_at) + INTERVAL 7 DAY",
+    )),
+    Migration(13, "the retention tiers last applied to stored logs", (
+        # One row per application of the retention config to existing rows; a
+        # start with a different config fingerprint re-tiers stored logs.
+        """CREATE TABLE IF NOT EXISTS log_retention_state (
+            fingerprint String,
+            rules String,
+            applied_at DateTime64(3, 'UTC')
+        ) ENGINE = MergeTree
+        ORDER BY applied_at""",
+    )),
+]
