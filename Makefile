@@ -31,7 +31,7 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n auto
 
 ## Benchmarks: print figures (they are not timed tests). BENCH_ARGS=--quick for a short run.
 bench: install
