@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
@@ -26,10 +26,13 @@ from collector.app import create_app
 from collector.auth import TokenScope, TokenService
 from collector.config import CollectorConfig
 from collector.storage import Storage
-from plugins.testing import DatabasePool
 from tests.helpers import SECRET, cli, free_port
 
-# database_pool, and the fixtures plugin authors use, for every test.
+if TYPE_CHECKING:
+    from plugins.testing import DatabasePool
+
+# database_pool, and the fixtures plugin authors use, for every test. (Not
+# imported above at run time: pytest must import it itself to rewrite asserts.)
 pytest_plugins = ["plugins.testing"]
 
 
