@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from collector import source_globs
 from collector.storage import Storage
 from pipelines.engine import PipelineEngine, PipelineRuntime, Recorder, RunRecord
 from pipelines.match import LEVEL_RANK
@@ -138,19 +139,7 @@ def _outcome(o: Any) -> dict[str, Any]:
 
 def glob_to_like(glob: str) -> str | None:
     """A LIKE pattern equivalent to a glob, or None if it has classes (``[ab]``)."""
-    if "[" in glob:
-        return None
-    out = []
-    for ch in glob:
-        if ch in "%_\\":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return None if "[" in glob else source_globs.glob_to_like(glob)
 
 
 def row_to_event(row: Mapping[str, Any]) -> dict[str, Any]:

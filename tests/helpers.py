@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,3 +22,21 @@ def free_port() -> int:
 def cli(name: str) -> str:
     """Path of one of our console scripts in the running venv."""
     return str(VENV_BIN / name)
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so. Starts at the real
+    time by default: tables have TTLs, so rows stamped months ago would vanish."""
+
+    def __init__(self, now: float | None = None):
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def set(self, now: float) -> None:
+        self.now = now

@@ -3,7 +3,6 @@ events it publishes, a real SMTP server (aiosmtpd), and tokens."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -18,22 +17,9 @@ from collector import appkeys
 from collector.config import CollectorConfig
 from collector.contact.intake import ContactService
 from collector.events import CONTACT_FORM
-from tests.helpers import free_port
+from tests.helpers import FakeClock, free_port
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
-
-
-class FakeClock:
-    """Seconds since the epoch, moved only by the test."""
-
-    def __init__(self, start: float | None = None):
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class SmtpHandler:

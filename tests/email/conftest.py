@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from email import message_from_bytes, policy
@@ -26,7 +25,7 @@ from collector.email.providers import create_providers
 from collector.email.service import EmailService
 from collector.storage import Storage
 from plugins.manager import build_plugin_manager
-from tests.helpers import SECRET, free_port
+from tests.helpers import SECRET, FakeClock, free_port
 
 RESEND_KEY = "re_test_key_123"
 MAILGUN_KEY = "key-test-mailgun"
@@ -34,20 +33,6 @@ MAILGUN_DOMAIN = "mg.example.com"
 MAILGUN_SIGNING_KEY = "mg-signing-key-for-tests"
 SVIX_KEY = b"svix-test-key-32-bytes-long!!!!!"
 RESEND_SECRET = "whsec_" + base64.b64encode(SVIX_KEY).decode()
-
-
-class FakeClock:
-    """Seconds since the epoch, moved only by the test."""
-
-    def __init__(self, start: float | None = None):
-        # Near the real time: tables have TTLs, and stats count from now().
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # --- SMTP --------------------------------------------------------------------------

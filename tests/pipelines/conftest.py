@@ -9,32 +9,16 @@ from typing import Any
 import pytest
 
 from plugins.testing import collector_app, http_receiver, logferry_plugins, run_pipeline, step_context
+from tests.helpers import FakeClock
 
 __all__ = ["collector_app", "http_receiver", "logferry_plugins", "run_pipeline", "step_context"]
 
 T0 = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC).timestamp()
 
 
-class FakeClock:
-    """Epoch seconds that move only when a test says so."""
-
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-    def set(self, now: float) -> None:
-        self.now = now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 def log_event(at: float, *, level: str = "ERROR", source: str = "payments", message: str = "boom",
