@@ -13,7 +13,10 @@ timestamp and level are recognised), ``syslog`` (RFC 3164 and RFC 5424) and
 are the same parser).
 
 The JSON path is the hot one: a chunk's lines are decoded by msgspec in one
-call as a JSON array, and fields are mapped with plain dict operations.
+call as a JSON array. Once a source's lines are seen to share one key set,
+chunks are decoded straight into typed structs (:class:`_TypedChunk`: no dict
+per line, type checks in C); otherwise fields are mapped with plain dict
+operations. Both give the same records.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import re2
@@ -132,6 +135,9 @@ class LineParser:
         self._alias_set = frozenset(k for names in aliases.values() for k in names)
         self._plans: dict[frozenset[str], _FieldPlan] = {}
         self._builders: dict[tuple[str, ...], Callable[[dict[str, Any], int, str | None], Record]] = {}
+        self._typed: _TypedChunk | None = None
+        self._typed_plans: dict[tuple[str, ...], _TypedChunk | None] = {}
+        self._typed_wait = 0
         fmt = cfg.format
         self._regex: Any = None
         if fmt == "regex":
@@ -151,10 +157,12 @@ class LineParser:
 
     # --- entry points ------------------------------------------------------
 
-    def parse_lines(self, lines: Sequence[bytes], starts: Sequence[int], file: str | None) -> list[Record]:
-        """One record per non-blank line; ``starts[i]`` is the file offset of ``lines[i]``."""
+    def parse_lines(self, lines: Sequence[bytes], starts: Sequence[int], file: str | None,
+                    body: bytes | None = None) -> list[Record]:
+        """One record per non-blank line; ``starts[i]`` is the file offset of ``lines[i]``.
+        ``body``, when given, is the lines as read: each followed by a newline."""
         if self.cfg.format == "json" and self._utf8:
-            return self._parse_json_lines(lines, starts, file)
+            return self._parse_json_lines(lines, starts, file, body)
         out: list[Record] = []
         for line, start in zip(lines, starts, strict=False):
             text = self.decode(line)
@@ -201,10 +209,22 @@ class LineParser:
     # --- JSON -------------------------------------------------------------
 
     def _parse_json_lines(self, lines: Sequence[bytes], starts: Sequence[int],
-                          file: str | None) -> list[Record]:
+                          file: str | None, body: bytes | None = None) -> list[Record]:
+        if body is not None and body[-1:] == b"\n":
+            blob = b"[" + body[:-1].replace(b"\n", b",") + b"]"  # the same bytes as joining the lines
+        else:
+            blob = b"[" + b",".join(lines) + b"]"
+        typed = self._typed
+        if typed is not None:
+            records = typed.parse(blob, lines, starts, file)
+            if records is not None:
+                return records
+            # Another shape of line in this chunk: the general path, then learn again.
+            self._typed = None
+            self._typed_wait = _TYPED_RETRY_CHUNKS
         values: list[Any] | None
         try:
-            values = _json_array.decode(b"[" + b",".join(lines) + b"]")
+            values = _json_array.decode(blob)
         except msgspec.DecodeError:
             values = None
         if values is None or len(values) != len(lines):
@@ -213,16 +233,49 @@ class LineParser:
         out: list[Record] = []
         append = out.append
         builders = self._builders
+        shapes: set[tuple[str, ...] | None] = set()
         for value, line, start in zip(values, lines, starts, strict=False):
             if type(value) is dict and len(line) <= _FAST_LINE_BYTES:
                 keys = tuple(value)
+                shapes.add(keys)
                 build = builders.get(keys) or self._builder_for(keys)
                 append(build(value, start, file))
             elif type(value) is dict:
+                shapes.add(None)
                 append(self._record(self._map_fields(value), start, file, None))
             else:
+                shapes.add(None)
                 append(self.parse_entry(self.decode(line), None, start, file))
+        if self._typed_wait:
+            self._typed_wait -= 1
+        elif len(shapes) == 1:
+            shape = shapes.pop()
+            if shape is not None:
+                self._typed = self._typed_for(shape)
         return out
+
+    def _typed_for(self, keys: tuple[str, ...]) -> _TypedChunk | None:
+        """The typed decoder for chunks whose lines all have exactly these keys
+        (see :class:`_TypedChunk`), or ``None`` when the key set is not one
+        the straight-line builder handles."""
+        if keys in self._typed_plans:
+            return self._typed_plans[keys]
+        present = set(keys)
+        plan: dict[str, str] = {}
+        for field, names in self._aliases.items():
+            for name in names:
+                if name in present:
+                    plan[field] = name
+                    break
+        typed = None
+        extras = [k for k in keys if k not in plan.values()]
+        # One extra key at most: the context dict then has the key order of the line.
+        if len(present) == len(keys) and len(set(plan.values())) == len(plan) and len(extras) <= 1 \
+                and "tags" not in present and "context" not in present:
+            typed = _TypedChunk(keys, plan, self)
+        if len(self._typed_plans) < 256:
+            self._typed_plans[keys] = typed
+        return typed
 
     def _builder_for(self, keys: tuple[str, ...]) -> Callable[[dict[str, Any], int, str | None], Record]:
         """A function that turns a decoded JSON object with exactly these keys
@@ -426,6 +479,99 @@ def _compile_builder(plan: dict[str, str], parser: LineParser) -> Callable[[dict
     }
     exec(compile("\n".join(lines), f"<json builder {sorted(plan.values())}>", "exec"), namespace)  # noqa: S102
     return namespace["build"]  # type: ignore[no-any-return]
+
+
+_TYPED_RETRY_CHUNKS = 8  # after a chunk of mixed lines, chunks parsed the general way before learning again
+_LEVEL_LITERAL: Any = Literal[tuple(k for k in _LEVEL_NAMES if isinstance(k, str))]  # type: ignore[valid-type]
+
+
+class _Slow(Exception):
+    """A line the typed path does not take as is: the chunk goes the general way."""
+
+
+class _TypedChunk:
+    """A chunk's lines decoded in one call into typed structs, for sources
+    whose lines have one key set (the usual case).
+
+    The struct has one field per key, typed as the straight-line builder
+    (:func:`_compile_builder`) requires: strings, a known level name, a number
+    for ``duration_ms``; it forbids other keys and requires every key. So
+    msgspec does the checks in C, without building a dict per line, and a
+    chunk that decodes is built into records by a loop with one ``Record(...)``
+    per line and a timestamp check. Any line that does not fit (another key
+    set, another type, a bad timestamp, a long line) makes :meth:`parse`
+    return ``None``, and the caller parses the chunk the general way, so the
+    records are the same either way.
+    """
+
+    __slots__ = ("_build", "_decoder")
+
+    def __init__(self, keys: tuple[str, ...], plan: dict[str, str], parser: LineParser) -> None:
+        field_of = {key: field for field, key in plan.items()}
+        struct_fields: list[tuple[str, Any]] = []
+        rename: dict[str, str] = {}
+        attr: dict[str, str] = {}
+        extras: list[tuple[str, str]] = []
+        for i, key in enumerate(keys):
+            name = f"f{i}"
+            rename[name] = key
+            field = field_of.get(key)
+            if field is None:
+                kind: Any = Any
+                extras.append((key, name))
+            elif field == "level":
+                kind = _LEVEL_LITERAL
+            elif field == "duration_ms":
+                kind = int | float
+            else:
+                kind = str
+            struct_fields.append((name, kind))
+            if field is not None:
+                attr[field] = f"v.{name}"
+        struct = msgspec.defstruct("TypedLine", struct_fields, rename=rename, forbid_unknown_fields=True,
+                                   gc=False)
+        self._decoder: Any = msgspec.json.Decoder(list[struct])  # type: ignore[valid-type]
+        lines = ["def build(values, starts, file):", "    out = []", "    append = out.append",
+                 "    for v, offset in zip(values, starts):"]
+        if "timestamp" in attr:
+            lines += [f"        ts = {attr['timestamp']}",
+                      "        try:",
+                      "            year = fromiso(ts).year",
+                      "        except ValueError:",
+                      "            raise Slow from None",
+                      "        if year < 1970 or year > 2261:",
+                      "            raise Slow"]
+        ts = "ts" if "timestamp" in attr else "now_iso()"
+        level = f"LEVELS[{attr['level']}]" if "level" in attr else "'INFO'"
+        message = attr.get("message", "''")
+        context = "{" + ", ".join(f"{key!r}: v.{name}" for key, name in extras) + "}" if extras else "None"
+        tail = ", ".join(attr.get(f, "None") for f in _RECORD_TAIL)
+        lines.append(f"        append(Record({ts}, {level}, SOURCE, {message}, {context}, {tail}, TAGS, file, "
+                     "offset, HOST))")
+        lines.append("    return out")
+        namespace: dict[str, Any] = {
+            "fromiso": _fromisoformat, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": now_iso,
+            "Slow": _Slow, "SOURCE": parser.source, "TAGS": parser.static_tags, "HOST": parser.host,
+        }
+        exec(compile("\n".join(lines), f"<typed json builder {list(keys)}>", "exec"), namespace)  # noqa: S102
+        self._build: Callable[[list[Any], Sequence[int], str | None], list[Record]] = namespace["build"]
+
+    def parse(self, blob: bytes, lines: Sequence[bytes], starts: Sequence[int],
+              file: str | None) -> list[Record] | None:
+        """The records of a chunk (``blob``: its lines as a JSON array), or
+        ``None`` when some line needs the general path."""
+        if lines and max(map(len, lines)) > _FAST_LINE_BYTES:
+            return None
+        try:
+            values = self._decoder.decode(blob)
+        except msgspec.DecodeError:
+            return None
+        if len(values) != len(lines):
+            return None
+        try:
+            return self._build(values, starts, file)
+        except _Slow:
+            return None
 
 
 # --- text formats --------------------------------------------------------------

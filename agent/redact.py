@@ -43,6 +43,39 @@ def _compile(pattern: str | bytes) -> Any:
     return re2.compile(pattern, _OPTIONS)
 
 
+_UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
+                           "UNANCHORED", None)
+_NO_MATCH = (-1, -1)
+
+
+class _Scanner:
+    """Searches UTF-8 bytes with a compiled RE2 pattern, returning the spans of
+    the first match (group 0, then each group; ``(-1, -1)`` for a group that
+    took no part) or ``None``.
+
+    The binding's ``search`` wraps every call in a Python generator and a
+    ``Match`` object, several microseconds a call, more than the DFA scan of a
+    short string; this calls the compiled RE2 object underneath directly (what
+    ``search`` does for bytes), and falls back to ``search`` if the binding
+    ever lacks it.
+    """
+
+    __slots__ = ("_match", "_regex")
+
+    def __init__(self, regex: Any) -> None:
+        self._regex = regex
+        raw = getattr(regex, "_regexp", None)
+        self._match: Any = getattr(raw, "Match", None) if _UNANCHORED is not None else None
+
+    def spans(self, data: bytes, pos: int = 0) -> Any:
+        match = self._match
+        if match is not None:
+            found = match(_UNANCHORED, data, pos, len(data))
+            return None if found[0] == _NO_MATCH else found
+        m = self._regex.search(data, pos)
+        return None if m is None else [m.span(i) for i in range(self._regex.groups + 1)]
+
+
 # --- validators --------------------------------------------------------------
 
 
@@ -110,6 +143,7 @@ class _Rule:
         self.regex: Any = re.compile(pattern) if engine == "re" else _compile(pattern)
         self.prefilter = prefilter
         self.prefilter_regex: Any = _compile(prefilter)
+        self.prefilter_scan = _Scanner(self.prefilter_regex)
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         def sub(m: Any) -> str:
@@ -343,6 +377,7 @@ class Redactor:
         # Short strings (one record's fields): Python's re has less call overhead.
         # Custom patterns are user input, so with any, RE2 stays in charge.
         self._prefilter_bytes = _compile(combined.encode())
+        self._scan = _Scanner(self._prefilter_bytes)
         # For whole chunks: digit runs (the card prefilter) in a group of their
         # own, so a run that holds no valid card and no SSN (UUID fragments,
         # long ids, epoch milliseconds) can be dismissed without redacting the record.
@@ -352,6 +387,7 @@ class Redactor:
             others += parts[len(self._rules):]
             self._chunk_prefilter = _compile(
                 (r"(\d(?:[ -]?\d){12})|" + "|".join(others)).encode() if others else rb"(\d(?:[ -]?\d){12})")
+            self._chunk_scan = _Scanner(self._chunk_prefilter)
 
     @classmethod
     def from_config(cls, cfg: RedactConfig) -> Redactor:
@@ -378,39 +414,55 @@ class Redactor:
 
     def might_match(self, text: str) -> bool:
         """Whether ``text`` could contain anything to redact (the prefilter)."""
-        return self.active and self._prefilter.search(text) is not None
+        return self.active and self._scan.spans(text.encode()) is not None
 
     def hit_positions(self, data: bytes) -> list[int]:
-        """Byte offsets in ``data`` where the prefilter matches; lines without
-        one need no redaction."""
+        """Byte offsets in ``data`` where the prefilter matches, at least the
+        first of each line that has a match; lines without one need no redaction."""
         if not self.active:
             return []
-        if not self._cards_only:
-            return [m.start() for m in self._prefilter_bytes.finditer(data)]
+        cards = self._cards_only
+        scan = (self._chunk_scan if cards else self._scan).spans
+        find = data.find
+        end = len(data)
         hits = []
-        for m in self._chunk_prefilter.finditer(data):
-            start = m.start()
-            if m.group(1) is not None:
+        pos = 0
+        while pos <= end:
+            spans = scan(data, pos)
+            if spans is None:
+                break
+            start, stop = spans[0]
+            if cards and spans[1] != _NO_MATCH:
                 run = _DIGIT_RUN.match(data, start)
                 text = run.group(0).decode() if run else ""
                 if not card_windows(text) and not _SSN_SHAPE.search(text):
+                    pos = stop if stop > start else start + 1
                     continue
             hits.append(start)
+            # The line is redacted as a whole: its other matches add nothing.
+            newline = find(b"\n", stop)
+            if newline < 0:
+                break
+            pos = newline + 1
         return hits
 
     def redact_text(self, text: str) -> str:
         """``text`` with every match of every rule replaced."""
         if not self.active or not text:
             return text
-        if self._prefilter.search(text) is None:
+        data = text.encode()
+        if self._scan.spans(data) is None:
             return text
         for rule in self._rules:
-            if rule.prefilter_regex.search(text) is None:
+            if rule.prefilter_scan.spans(data) is None:
                 continue
             count = [0]
-            text = rule.apply(text, self._replace, count)
+            redacted = rule.apply(text, self._replace, count)
             if count[0]:
                 self.counts[rule.name] += count[0]
+            if redacted is not text:
+                text = redacted
+                data = text.encode()
         return text
 
     def _is_sensitive_key(self, key: str) -> bool:
@@ -450,20 +502,21 @@ class Redactor:
         probe = "\x00".join(value for _, value in texts)
         hit_fields: set[str] = set()
         if probe:
-            first = self._prefilter.search(probe)
-            if first is not None and not probe.isascii():
+            encoded = probe.encode()
+            scan = self._scan.spans
+            found = scan(encoded)
+            if found is not None and len(encoded) != len(probe):
                 hit_fields = {name for name, _ in texts}  # offsets may count bytes: redact every field
-            elif first is not None:
-                # One search per field with a hit: the binding's match objects are costly.
+            elif found is not None:
+                # One search per field with a hit (ASCII: byte offsets are character offsets).
                 ends = list(accumulate(len(value) + 1 for _, value in texts))
-                found: Any = first
                 while found is not None:
-                    index = bisect_right(ends, found.start())
+                    index = bisect_right(ends, found[0][0])
                     if index >= len(texts):
                         break
                     hit_fields.add(texts[index][0])
-                    found = self._prefilter.search(probe, ends[index])
-        context_hit = bool(record.context) and self._prefilter_bytes.search(_json_encode(record.context)) is not None
+                    found = scan(encoded, ends[index])
+        context_hit = bool(record.context) and self._scan.spans(_json_encode(record.context)) is not None
         if not hit_fields and not context_hit:
             return record
         changes: dict[str, Any] = {}

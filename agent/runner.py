@@ -82,8 +82,11 @@ class SourcePipeline:
         joiner = self.joiner_for(tracked)
         errors_before = self.parser.errors
         if joiner is None:
-            records = self.parser.parse_lines(chunk.lines, chunk.starts, file)
-            records = self._redact_hits(records, chunk)
+            # The lines as read (unless long ones were cut): for the JSON parser and the redaction prefilter.
+            body = chunk.data[: chunk.end - chunk.starts[0]] if chunk.starts else b""
+            records = self.parser.parse_lines(chunk.lines, chunk.starts, file,
+                                              None if chunk.truncated else body)
+            records = self._redact_hits(records, chunk, body)
             end = chunk.end
         else:
             records = []
@@ -99,21 +102,21 @@ class SourcePipeline:
         self.metrics.parse_errors += self.parser.errors - errors_before
         return records, end
 
-    def _redact_hits(self, records: list[Record], chunk: Chunk) -> list[Record]:
+    def _redact_hits(self, records: list[Record], chunk: Chunk, body: bytes) -> list[Record]:
         redactor = self.redactor
         if not redactor.active:
             return records
-        hits = redactor.hit_positions(chunk.data[: chunk.end - chunk.starts[0]]) if chunk.starts else []
+        hits = redactor.hit_positions(body) if chunk.starts else []
         if not hits:
             return records
         base = chunk.starts[0]
         starts = chunk.starts
-        hit_offsets = {starts[bisect_right(starts, base + pos) - 1] for pos in hits}
         if len(records) == len(starts):
-            for i, start in enumerate(starts):
-                if start in hit_offsets:
-                    records[i] = redactor.redact_record(records[i])
+            # One record per line: the line a hit falls in is the record's index.
+            for i in sorted({bisect_right(starts, base + pos) - 1 for pos in hits}):
+                records[i] = redactor.redact_record(records[i])
         else:
+            hit_offsets = {starts[bisect_right(starts, base + pos) - 1] for pos in hits}
             for i, record in enumerate(records):
                 if record.offset in hit_offsets:
                     records[i] = redactor.redact_record(record)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import msgspec
+
 from agent.config import MultilineConfig, SourceConfig
 from agent.multiline import MultilineJoiner
 from agent.parsers import LineParser, normalise_level, parse_syslog
@@ -38,6 +40,40 @@ def test_json_lines_of_a_chunk_are_parsed_together_with_their_offsets() -> None:
         ("a", "INFO", 0), ("b", "ERROR", 51), ("not json {", "INFO", 120)]
     assert records[1].tags == ["prod", "x"]
     assert records[2].tags == ["prod", "parse_error"]
+
+
+def test_typed_chunk_path_gives_the_same_records_as_the_general_path() -> None:
+    good = '{"ts":"2026-11-25T04:00:%02d.5Z","level":"info","msg":"m%d","user_id":"u","duration_ms":%s,"k":[%d]}'
+    chunk = [(good % (i, i, "1.5" if i % 2 else "2", i)).encode() for i in range(40)]
+    odd = [
+        b'{"ts":"2026-02-30T00:00:00Z","level":"info","msg":"bad day","user_id":"u","duration_ms":1,"k":1}',
+        b'{"ts":"2026-11-25T04:00:00Z","level":"loud","msg":"odd level","user_id":"u","duration_ms":1,"k":1}',
+        b'{"ts":"2026-11-25T04:00:00Z","level":"info","msg":"no user","duration_ms":1,"k":1}',
+        b'{"ts":"2026-11-25T04:00:00Z","level":"info","msg":"int user","user_id":7,"duration_ms":1,"k":1}',
+        b'{"ts":"2026-11-25T04:00:00Z","level":"info","msg":"more","user_id":"u","duration_ms":1,"k":1,"z":2}',
+        b'{"ts":"2026-11-25T04:00:00Z","level":"info","msg":"bool","user_id":"u","duration_ms":true,"k":1}',
+        b"",
+    ]
+    typed, general = parser(), parser()
+    general._typed_wait = 10**9  # never learns the typed decoder
+    for p in (typed, general):
+        p.parse_lines(chunk, list(range(0, 4000, 100)), "/x/a.log")  # learns the key set
+    assert typed._typed is not None and general._typed is None
+    for line in [chunk[0], *odd]:
+        lines = [*chunk[:5], line, *chunk[5:10]]
+        starts = list(range(0, 1100, 100))
+        body = b"\n".join(lines) + b"\n"
+        got = typed.parse_lines(lines, starts, "/x/a.log", body)
+        want = general.parse_lines(lines, starts, "/x/a.log")
+        for a, b in zip(got, want, strict=True):
+            if "bad_timestamp" not in (a.tags or []) and a.timestamp is not None:
+                assert a == b
+            else:
+                assert (a.message, a.context, a.tags) == (b.message, b.context, b.tags)
+        typed._typed = typed._typed_for(tuple(msgspec.json.decode(chunk[0])))  # learn again at once
+    r = typed.parse_lines(chunk[:2], [0, 100], "/x/a.log")
+    assert (r[0].duration_ms, type(r[0].duration_ms), r[1].duration_ms) == (2, int, 1.5)
+    assert (r[0].context, r[0].user_id, r[0].level, r[0].tags) == ({"k": [0]}, "u", "INFO", ["prod"])
 
 
 def test_json_field_of_unexpected_type_or_bad_timestamp_is_coerced_not_lost() -> None:
