@@ -261,12 +261,7 @@ class LineParser:
         if keys in self._typed_plans:
             return self._typed_plans[keys]
         present = set(keys)
-        plan: dict[str, str] = {}
-        for field, names in self._aliases.items():
-            for name in names:
-                if name in present:
-                    plan[field] = name
-                    break
+        plan = self._field_plan(present)
         typed = None
         extras = [k for k in keys if k not in plan.values()]
         # One extra key at most: the context dict then has the key order of the line.
@@ -276,6 +271,16 @@ class LineParser:
         if len(self._typed_plans) < 256:
             self._typed_plans[keys] = typed
         return typed
+
+    def _field_plan(self, present: set[str]) -> dict[str, str]:
+        """Record field -> the key of the line that fills it (first alias present wins)."""
+        plan: dict[str, str] = {}
+        for field, names in self._aliases.items():
+            for name in names:
+                if name in present:
+                    plan[field] = name
+                    break
+        return plan
 
     def _builder_for(self, keys: tuple[str, ...]) -> Callable[[dict[str, Any], int, str | None], Record]:
         """A function that turns a decoded JSON object with exactly these keys
@@ -288,12 +293,7 @@ class LineParser:
         path, :meth:`_record`, which coerces and annotates.
         """
         present = set(keys)
-        plan: dict[str, str] = {}
-        for field, names in self._aliases.items():
-            for name in names:
-                if name in present:
-                    plan[field] = name
-                    break
+        plan = self._field_plan(present)
         extras = len(present) - len(plan)
         if "tags" in present or "context" in present or extras > 64:
             def general(value: dict[str, Any], start: int, file: str | None) -> Record:
