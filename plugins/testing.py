@@ -13,11 +13,14 @@ docs/plugins.md, "Testing a plugin".
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -29,6 +32,9 @@ from pipelines.loader import load_pipeline_text
 from pipelines.simulate import clock_for, simulate
 from pipelines.templates import Templates
 from plugins.manager import LogferryPluginManager, build_plugin_manager
+
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import SMTP, Envelope, Session
 
 TEST_SECRET = "plugin-tests-secret-key-0123456789abcdef"
 
@@ -319,3 +325,73 @@ async def collector_app(chdb_dsn: str, database_pool: DatabasePool, tmp_path: Pa
         await client.close()
     for store in stores:
         database_pool.release(store)
+
+
+class SmtpHandler:
+    """What a real SMTP server (aiosmtpd) received, with refusals on demand."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[Envelope, EmailMessage]] = []
+        self.refuse: set[str] = set()
+        self.defer: set[str] = set()
+        # Answer DATA with this (e.g. "451 try later") instead of accepting.
+        self.data_reply: str | None = None
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address in self.refuse:
+            return "550 5.1.1 no such mailbox"
+        if address in self.defer:
+            return "450 4.2.0 mailbox busy"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
+        raw = envelope.original_content or envelope.content
+        assert isinstance(raw, bytes)
+        parsed = message_from_bytes(raw, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append((envelope, parsed))
+        return "250 2.0.0 Message accepted"
+
+
+class SmtpServer:
+    """A running SMTP server on 127.0.0.1 and what it received."""
+
+    def __init__(self, handler: SmtpHandler, port: int):
+        self.handler = handler
+        self.port = port
+        self.host = "127.0.0.1"
+
+    @property
+    def messages(self) -> list[tuple[Envelope, EmailMessage]]:
+        return self.handler.messages
+
+    def to(self, address: str) -> list[EmailMessage]:
+        """The messages delivered to one recipient."""
+        return [m for env, m in self.messages if address in env.rcpt_tos]
+
+    def provider(self, **extra: Any) -> dict[str, Any]:
+        """A ``collector.email.providers`` entry that sends here."""
+        return {"type": "smtp", "host": self.host, "port": self.port, "starttls": "off", "timeout": "5s",
+                "deadline": "10s", **extra}
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd, a dev dependency) on a free 127.0.0.1 port."""
+    from aiosmtpd.controller import Controller
+
+    handler = SmtpHandler()
+    with socket.socket() as probe:  # aiosmtpd cannot take port 0
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    # 25 MB of attachments is about 34 MB as base64: above aiosmtpd's 32 MiB default.
+    controller = Controller(handler, hostname="127.0.0.1", port=port, data_size_limit=64 * 1024 * 1024)
+    controller.start()
+    try:
+        yield SmtpServer(handler, port)
+    finally:
+        controller.stop()

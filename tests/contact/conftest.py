@@ -3,72 +3,19 @@ events it publishes, a real SMTP server (aiosmtpd), and tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from email import message_from_bytes, policy
-from email.message import EmailMessage
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from collector import appkeys
 from collector.config import CollectorConfig
 from collector.contact.intake import ContactService
 from collector.events import CONTACT_FORM
-from tests.helpers import FakeClock, free_port
+from tests.helpers import FakeClock
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
-
-
-class SmtpHandler:
-    def __init__(self) -> None:
-        self.messages: list[tuple[Envelope, EmailMessage]] = []
-        self.refuse: set[str] = set()
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 no such mailbox"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        raw = envelope.original_content or envelope.content
-        assert isinstance(raw, bytes)
-        parsed = message_from_bytes(raw, policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append((envelope, parsed))
-        return "250 2.0.0 Message accepted"
-
-
-class SmtpServer:
-    def __init__(self, handler: SmtpHandler, port: int):
-        self.handler = handler
-        self.port = port
-
-    @property
-    def messages(self) -> list[tuple[Envelope, EmailMessage]]:
-        return self.handler.messages
-
-    def provider(self) -> dict[str, Any]:
-        return {"type": "smtp", "host": "127.0.0.1", "port": self.port, "starttls": "off", "timeout": "5s"}
-
-    def to(self, address: str) -> list[EmailMessage]:
-        return [m for env, m in self.messages if address in env.rcpt_tos]
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    handler = SmtpHandler()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, data_size_limit=64 * 1024 * 1024)
-    controller.start()
-    try:
-        yield SmtpServer(handler, port)
-    finally:
-        controller.stop()
 
 
 class ContactHarness:

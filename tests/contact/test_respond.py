@@ -17,7 +17,8 @@ from collector import appkeys
 from collector.app import create_app
 from collector.config import CollectorConfig
 from collector.storage import Storage
-from tests.contact.conftest import ContactHarness, FakeClock, SmtpServer
+from plugins.testing import SmtpServer
+from tests.contact.conftest import ContactHarness, FakeClock
 
 PIPELINE = """\
 name: contact-ack

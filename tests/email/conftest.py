@@ -8,16 +8,12 @@ import asyncio
 import base64
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from email import message_from_bytes, policy
-from email.message import EmailMessage
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from agent.configfile import convert
 from collector.email.config import EmailConfig
@@ -25,7 +21,7 @@ from collector.email.providers import create_providers
 from collector.email.service import EmailService
 from collector.storage import Storage
 from plugins.manager import build_plugin_manager
-from tests.helpers import SECRET, FakeClock, free_port
+from tests.helpers import SECRET, FakeClock
 
 RESEND_KEY = "re_test_key_123"
 MAILGUN_KEY = "key-test-mailgun"
@@ -33,65 +29,6 @@ MAILGUN_DOMAIN = "mg.example.com"
 MAILGUN_SIGNING_KEY = "mg-signing-key-for-tests"
 SVIX_KEY = b"svix-test-key-32-bytes-long!!!!!"
 RESEND_SECRET = "whsec_" + base64.b64encode(SVIX_KEY).decode()
-
-
-# --- SMTP --------------------------------------------------------------------------
-
-
-class SmtpHandler:
-    def __init__(self) -> None:
-        self.messages: list[tuple[Envelope, EmailMessage]] = []
-        self.refuse: set[str] = set()
-        self.defer: set[str] = set()
-        # Answer DATA with this (e.g. "451 try later") instead of accepting.
-        self.data_reply: str | None = None
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 no such mailbox"
-        if address in self.defer:
-            return "450 4.2.0 mailbox busy"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.data_reply is not None:
-            return self.data_reply
-        raw = envelope.original_content or envelope.content
-        assert isinstance(raw, bytes)
-        parsed = message_from_bytes(raw, policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append((envelope, parsed))
-        return "250 2.0.0 Message accepted"
-
-
-class SmtpServer:
-    def __init__(self, handler: SmtpHandler, port: int):
-        self.handler = handler
-        self.port = port
-        self.host = "127.0.0.1"
-
-    @property
-    def messages(self) -> list[tuple[Envelope, EmailMessage]]:
-        return self.handler.messages
-
-    def provider(self, **extra: Any) -> dict[str, Any]:
-        return {"type": "smtp", "host": self.host, "port": self.port, "starttls": "off", "timeout": "5s",
-                "deadline": "10s", **extra}
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    handler = SmtpHandler()
-    port = free_port()
-    # 25 MB of attachments is about 34 MB as base64: above aiosmtpd's 32 MiB default.
-    controller = Controller(handler, hostname="127.0.0.1", port=port, data_size_limit=64 * 1024 * 1024)
-    controller.start()
-    try:
-        yield SmtpServer(handler, port)
-    finally:
-        controller.stop()
 
 
 # --- Resend ------------------------------------------------------------------------------
