@@ -99,6 +99,8 @@ class CollectorTarget(msgspec.Struct, forbid_unknown_fields=True):
     timeout: Duration = Duration(30.0)
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     compression: Literal["zstd", "gzip", "none"] = "zstd"
+    # zstd's level: negative levels cost less CPU and compress less.
+    zstd_level: Annotated[int, msgspec.Meta(ge=-7, le=19)] = 1
     retry_initial: Duration = Duration(0.2)
     retry_max: Duration = Duration(30.0)
     # 0 means retry for ever: files on disk and the spool are the buffer.

@@ -79,17 +79,12 @@ class _Scanner:
 # --- validators --------------------------------------------------------------
 
 
+_LUHN_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}.__getitem__
+
+
 def luhn_valid(digits: str) -> bool:
     """The Luhn checksum of a string of digits."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    return (sum(map(int, digits[-1::-2])) + sum(map(_LUHN_DOUBLED, digits[-2::-2]))) % 10 == 0
 
 
 def card_issuer(digits: str) -> str | None:
@@ -154,6 +149,7 @@ class _Rule:
 
 
 _DIGIT_GROUP = re.compile(r"\d+")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 def card_windows(run: str) -> list[tuple[int, int]]:
@@ -161,24 +157,29 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     separators: the run is split at its separators and, left to right, the
     longest sequence of whole groups that is a valid card number is taken.
     Contiguous digits are never split: 20 glued digits are an id, not a card."""
-    groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(run)]
+    texts = _DIGIT_GROUP.findall(run)
+    if len(texts) == 1:  # the common case: no separators
+        return [(0, len(run))] if is_card_number(run) else []
+    # Offsets: groups are separated by exactly one character.
+    starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
+    counts = list(accumulate(map(len, texts), initial=0))  # digits before group k
     found: list[tuple[int, int]] = []
+    n = len(texts)
     i = 0
-    while i < len(groups):
-        for j in range(len(groups) - 1, i - 1, -1):
-            start, end = groups[i][0], groups[j][1]
-            digits = run[start:end].replace(" ", "").replace("-", "")
-            if len(digits) < 13:
+    while i < n:
+        for j in range(n - 1, i - 1, -1):
+            length = counts[j + 1] - counts[i]
+            if length < 13:
                 j = -1
                 break
-            if len(digits) <= 19 and is_card_number(digits):
+            if length <= 19 and is_card_number("".join(texts[i:j + 1])):
                 break
         else:
             j = -1
         if j < 0:
             i += 1
             continue
-        found.append((groups[i][0], groups[j][1]))
+        found.append((starts[i], starts[j] + len(texts[j])))
         i = j + 1
     return found
 
@@ -191,9 +192,17 @@ class _CardRule(_Rule):
         super().__init__("credit_card", r"\d(?:[ -]?\d){12,}", r"\d(?:[ -]?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
+        # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
+        # (54538532-8470-7646-…): a window inside a UUID is not a card.
+        uuids = [u.span() for u in _UUID.finditer(text)] if "-" in text else []
+
         def sub(m: Any) -> str:
             run = m.group(0)
             windows = card_windows(run)
+            if windows and uuids:
+                at = m.start()
+                windows = [(start, end) for start, end in windows
+                           if not any(u_start <= at + start and at + end <= u_end for u_start, u_end in uuids)]
             if not windows:
                 return str(run)
             out: list[str] = []

@@ -6,11 +6,12 @@ The composition root of the agent. One event loop does the work:
   robin over files), turns them into records (:class:`SourcePipeline`) and
   fills the open batch, closing it at ``max_wait``, ``max_records`` or
   ``max_bytes``;
-- a closed batch is encoded (msgpack, zstd), written to the spool, and queued;
+- a closed batch is encoded (msgpack, zstd), appended to the spool (batches
+  closed meanwhile share one fsync), and queued;
 - ``max_in_flight`` ship workers deliver queued batches (:mod:`agent.shipper`);
 - an acknowledged batch marks its file ranges done; a file's checkpoint
   advances over the done ranges in order, is written atomically, and only
-  then are the covered spool files removed.
+  then are the covered batches removed from the spool.
 
 Back-pressure: reading pauses while ``max_in_flight`` batches are unacknowledged
 (or, with ``spool.max_bytes``, while the spool is full), so memory stays
@@ -197,6 +198,8 @@ class Agent:
         self._committed = asyncio.Event()
         self._lock_fd: int | None = None
         self._spooling: set[asyncio.Task[None]] = set()
+        self._to_spool: list[tuple[SpooledBatch, PendingBatch]] = []
+        self._spool_writing = False
         self._commit_lock = threading.Lock()
         self._compress: Any = None
         self.content_encoding = "identity"
@@ -219,7 +222,7 @@ class Agent:
         if kind == "zstd":
             import zstandard
 
-            compressor = zstandard.ZstdCompressor(level=1)
+            compressor = zstandard.ZstdCompressor(level=self.cfg.collector.zstd_level)
             self._compress = compressor.compress
             self.content_encoding = "zstd"
         elif kind == "gzip":
@@ -426,15 +429,39 @@ class Agent:
         if self._unacked > self.cfg.collector.max_in_flight * 2:
             pending.body = None  # waits on disk only
         # The fsync happens off the event loop; the batch is queued for
-        # sending only once it is durable.
-        task = asyncio.get_running_loop().create_task(self._spool_then_queue(spooled, pending))
-        self._spooling.add(task)
-        task.add_done_callback(self._spooling.discard)
+        # sending only once it is durable. Batches closed meanwhile share the
+        # next write and its fsync.
+        self._to_spool.append((spooled, pending))
+        if not self._spool_writing:
+            self._spool_writing = True
+            task = asyncio.get_running_loop().create_task(self._spool_writer())
+            self._spooling.add(task)
+            task.add_done_callback(self._spooling.discard)
 
-    async def _spool_then_queue(self, spooled: SpooledBatch, pending: PendingBatch) -> None:
-        await asyncio.to_thread(self.spool.write, spooled)
-        self._queue.append(pending)
-        self._queued.set()
+    async def _spool_writer(self) -> None:
+        """Write the closed batches to the spool, in order, a group at a time,
+        and queue each group once it is synced."""
+        try:
+            await self._write_spool_groups()
+        finally:
+            self._spool_writing = False  # no await since the queue was seen empty
+
+    async def _write_spool_groups(self) -> None:
+        while self._to_spool:
+            group, self._to_spool = self._to_spool, []
+            try:
+                await asyncio.to_thread(self.spool.write_many, [spooled for spooled, _ in group])
+            except OSError as exc:
+                if self._stop.is_set():
+                    log.error("cannot write the spool at shutdown: %s; %d batches are read again on start",
+                              exc, len(group))
+                    return
+                log.error("cannot write the spool: %s; retrying in 1s", exc)
+                self._to_spool[:0] = group
+                await asyncio.sleep(1.0)
+                continue
+            self._queue.extend(pending for _, pending in group)
+            self._queued.set()
 
     def _advance_without_batch(self, ranges: dict[str, int]) -> None:
         for file_id, end in ranges.items():
@@ -730,6 +757,7 @@ class Agent:
                 if metrics_runner is not None:
                     await metrics_runner.cleanup()
         self.tailer.close_all()
+        self.spool.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         return self.exit_code

@@ -112,15 +112,29 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100k lines")
     parser.add_argument("--collector", choices=["ack", "real"], default="ack")
-    parser.add_argument("--profile", action="store_true", help="print the agent's top functions (cProfile)")
+    parser.add_argument("--profile", nargs="?", const="wall", choices=["wall", "cpu"],
+                        help="print the agent's top functions (cProfile; `cpu`: timed by process CPU time, "
+                             "which costs a system call per event)")
     parser.add_argument("--no-redact", action="store_true", help="turn redaction off, for comparison")
+    parser.add_argument("--py-spy", type=Path, metavar="OUT",
+                        help="sample the agent with py-spy (if installed) into OUT, collapsed stacks")
+    parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
+    parser.add_argument("--max-records", type=int, help="batch.max_records (default: api.md's 1000)")
+    parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     args = parser.parse_args()
     lines = 100_000 if args.quick else args.lines
     work = Path(tempfile.mkdtemp(prefix="logferry-bench-"))
     log_path = work / "logs" / "app.log"
     log_path.parent.mkdir()
     t0 = time.monotonic()
-    size = generate(log_path, lines)
+    if args.log is not None:
+        cached = args.log.with_name(f"{args.log.name}.{lines}")
+        if not cached.exists():
+            generate(cached, lines)
+        os.link(cached, log_path)
+        size = log_path.stat().st_size
+    else:
+        size = generate(log_path, lines)
     print(f"generated {lines} lines, {size / 1e6:.1f} MB ({size / lines:.0f} B/line) in {time.monotonic() - t0:.1f}s")
 
     env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
@@ -152,19 +166,34 @@ def main() -> int:
     metrics_port = free_port()
     config = work / "agent.yaml"
     config.write_text(json.dumps({"agent": {
-        "collector": {"url": url, "token": token},
+        "collector": {"url": url, "token": token,
+                      **({"zstd_level": args.zstd_level} if args.zstd_level is not None else {})},
         "state_dir": str(work / "state"),
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
+        "batch": {"max_wait": "100ms", "max_records": args.max_records or 1000},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
     }}))
     command = [str(BIN / "logferry-agent"), "--log-level", "WARNING", "run", "-c", str(config)]
-    profile_out = work / "agent.prof"
+    profile_out = work / ("agent.prof.cpu" if args.profile == "cpu" else "agent.prof")
     if args.profile:
-        command = [sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "agent.cli",
+        # `wall` (cProfile's default clock) counts waits for the collector, the disk and the GIL too;
+        # `cpu` counts none of them but inflates short calls.
+        profiled = ("import cProfile, sys, time\n"
+                    "from agent.cli import main\n"
+                    "p = cProfile.Profile(time.process_time) if sys.argv[1].endswith('.cpu') else cProfile.Profile()\n"
+                    "try:\n    p.runcall(main, sys.argv[2:])\n"
+                    "finally:\n    p.dump_stats(sys.argv[1])\n")
+        command = [sys.executable, "-c", profiled, str(profile_out),
                    "--log-level", "WARNING", "run", "-c", str(config)]
     started = time.monotonic()
     agent = subprocess.Popen(command, cwd=ROOT, env=env)
+    spy = None
+    if args.py_spy:
+        # Samples the agent's threads; py-spy's idle detection misses some waits (fsync, queue gets).
+        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-f", "raw", "-r", "200", "--nonblocking",
+                                "-o", str(args.py_spy), "--pid", str(agent.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def shipped() -> int:
         try:
@@ -193,6 +222,8 @@ def main() -> int:
     finally:
         if agent.poll() is None:
             agent.kill()
+        if spy is not None:
+            spy.wait(60)
         if collector is not None:
             collector.terminate()
             collector.wait()
@@ -205,7 +236,8 @@ def main() -> int:
     print(f"agent CPU: {usage.ru_utime:.2f}s user + {usage.ru_stime:.2f}s sys = {cpu:.2f}s "
           f"-> {per_million:.2f} CPU-s per 1M lines (Fluent Bit tail+json, no redaction/HTTP: "
           f"{FLUENT_BIT_CPU_S:.2f})")
-    print(f"agent peak RSS: {usage.ru_maxrss / 1024:.1f} MiB (goal < 64 MiB)")
+    print(f"agent peak RSS: {usage.ru_maxrss / 1024:.1f} MiB (goal < 64 MiB); {usage.ru_minflt:,} page faults; "
+          f"{usage.ru_nvcsw + usage.ru_nivcsw:,} context switches; load average {os.getloadavg()[0]:.2f}")
     print(f"redaction: {'off' if args.no_redact else 'on'}; collector: {args.collector}")
     if args.profile:
         import pstats

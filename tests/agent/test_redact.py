@@ -106,6 +106,14 @@ def test_uuids_are_kept(redactor: Redactor, value: object) -> None:
     assert redactor.redact_text(text) == text
 
 
+def test_uuid_digit_groups_that_pass_the_card_checks_are_kept(redactor: Redactor) -> None:
+    # 5453853284707646 is a valid Mastercard number (Luhn, prefix, length).
+    for text in ("request 54538532-8470-7646-3511-b677c3e44a22 done",
+                 '{"request_id": "54538532-8470-7646-3511-b677c3e44a22"}'):
+        assert redactor.redact_text(text) == text
+    assert redactor.redact_text("card 5453-8532-8470-7646 ok") == "card [REDACTED:credit_card] ok"
+
+
 def test_card_validation_needs_luhn_issuer_and_length() -> None:
     assert is_card_number("4111111111111111")
     assert not is_card_number("4111111111111112")  # Luhn

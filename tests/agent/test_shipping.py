@@ -125,7 +125,7 @@ async def test_collector_down_for_a_while_loses_nothing_and_memory_stays_bounded
     # Back-pressure: only max_in_flight batches are built and spooled; what
     # else was read (one chunk at most) waits, and the rest stays in the file.
     assert agent._unacked <= 2
-    assert len(list((tmp_path / "state" / "spool").glob("*.batch"))) <= 2
+    assert agent.spool.batches <= 2
     tracked = next(iter(agent.tailer.files.values()))
     assert tracked.carry is not None and len(tracked.carry[0]) <= 3000
     stub2 = IngestStub().start(port)
@@ -146,12 +146,14 @@ async def test_disk_spool_reads_ahead_while_collector_is_down(tmp_path, start_ag
     cfg = agent_config(tmp_path, f"http://127.0.0.1:{port}", [source], batch={"max_records": 50},
                        collector={"max_in_flight": 1}, spool={"max_bytes": "10MiB"})
     running = await start_agent(cfg)
-    await eventually(lambda: len(list((tmp_path / "state" / "spool").glob("*.batch"))) == 20,
+    await eventually(lambda: hasattr(running.agent, "spool") and running.agent.spool.batches == 20,
                      what="the whole file read into the spool")
+    assert list((tmp_path / "state" / "spool").glob("*.seg"))
     stub = IngestStub().start(port)
     try:
         await eventually(lambda: len(stub.messages()) == 1000, timeout=30)
-        await eventually(lambda: not list((tmp_path / "state" / "spool").glob("*.batch")), what="spool drained")
+        await eventually(lambda: running.agent.spool.batches == 0
+                         and not list((tmp_path / "state" / "spool").iterdir()), what="spool drained")
     finally:
         await running.stop()
         stub.stop()
@@ -207,3 +209,15 @@ def test_stdin_source_ships_every_line_and_stops_at_eof(tmp_path, stub) -> None:
     assert all(r.level == "WARN" and r.source == "pipe" and r.offset is None for r in records)
     assert all(r.context == {"password": "[REDACTED:key]"} for r in records)
     assert set(stub.encodings) == {"gzip"}
+
+
+async def test_zstd_level_is_configurable(tmp_path, stub, start_agent) -> None:
+    import zstandard
+
+    source = src(tmp_path)
+    write_lines(tmp_path / "logs" / "a.log", [f"fast {i}" for i in range(20)])
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], collector={"zstd_level": -3}))
+    await eventually(lambda: len(stub.messages()) == 20)
+    assert set(stub.encodings) == {"zstd"}
+    fast = zstandard.ZstdCompressor(level=-3).compress(b"x" * 100)
+    assert running.agent._compress(b"x" * 100) == fast
