@@ -1,6 +1,7 @@
 """Notifications: POST → channel send latency, sustained rate, preference lookups.
 
-Runs the real collector app (chDB in a temporary folder) behind a real HTTP
+Runs the real collector app (chDB in a temporary folder, with its write-ahead
+journal unless ``--journal off``) behind a real HTTP
 server on 127.0.0.1, email through the EmailService's ``smtp`` provider to an
 aiosmtpd server, and prints
 
@@ -78,7 +79,8 @@ async def main(args: argparse.Namespace) -> None:
         _, service_token = tokens.create_sync(kind="service", name="bench", created_by="bench")
         _, user_token = tokens.create_sync(kind="user", name="bench-user", created_by="bench", user_id="bench-user")
         config = convert({
-            "secret_key": SECRET, "storage": {"dsn": f"chdb://{folder}", "database": "bench"},
+            "secret_key": SECRET,
+            "storage": {"dsn": f"chdb://{folder}", "database": "bench", "journal": args.journal or f"{folder}/journal"},
             "email": {"providers": [{"type": "smtp", "host": "127.0.0.1", "port": port, "starttls": "off"}],
                       "concurrency": args.email_concurrency},
         }, CollectorConfig)
@@ -219,6 +221,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--lookups", type=int, default=100_000)
     parser.add_argument("--email-concurrency", type=int, default=32, help="collector.email.concurrency")
+    parser.add_argument("--journal", default="", help='collector.storage.journal ("off": straight to ClickHouse)')
     parser.add_argument("--quick", action="store_true", help="a short run")
     arguments = parser.parse_args()
     if arguments.quick:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +24,7 @@ from collector.events import EventBus
 from collector.ingest import LogWriter, RetentionPolicy, handle_ingest
 from collector.metrics import Metrics
 from collector.schema import migrate
-from collector.storage import Storage, open_storage
+from collector.storage import Storage, default_journal_dir, is_embedded, open_storage
 
 log = logging.getLogger("logferry.collector")
 
@@ -63,7 +63,24 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     applied = await storage.run(migrate, storage)
     if applied:
         log.info("schema migrated", extra={"applied": [m.version for m in applied]})
+    journaled = False
+    if config.storage.journal != "off":
+        # After migrations, before anything reads: replays what a crash left.
+        folder = config.storage.journal or default_journal_dir(storage.dsn, storage.database)
+        tidy = not config.storage.journal and is_embedded(storage.dsn)
+        journaled = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: storage.attach_journal(folder, flush_interval=float(config.storage.journal_flush_interval),
+                                                 remove_when_empty=tidy))
+        metrics = app.get(appkeys.METRICS)
+        if journaled and metrics is not None:
+            def journal_stat(name: str) -> Callable[[], float]:
+                return lambda: float(storage.journal.stats[name]) if storage.journal is not None else 0.0
+
+            for name in ("records", "fsyncs", "flushes", "flush_failures", "replayed_rows"):
+                metrics.gauge(f"logferry_journal_{name}_total", journal_stat(name))
     yield
+    if journaled:
+        await asyncio.get_running_loop().run_in_executor(None, storage.detach_journal)
     if owned:
         await asyncio.get_running_loop().run_in_executor(None, storage.close)
 

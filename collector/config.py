@@ -27,12 +27,22 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: str = "logferry"
     # Upper bound of one read query on the server side.
     query_timeout: Duration = Duration(10.0)
+    # Folder of the local write-ahead journal that stores notifications, their deliveries and
+    # emails durably (fsync) before ClickHouse does; "" = beside the chDB folder
+    # (<folder>-journal/<database>) or ./data/journal/<database> for a server; "off" = write
+    # straight to ClickHouse.
+    journal: str = ""
+    # How long journaled rows may wait before the background flush inserts them into ClickHouse
+    # (reads of those tables flush at once).
+    journal_flush_interval: Duration = Duration(0.25)
 
     def __post_init__(self) -> None:
         if not self.dsn.startswith(("chdb://", "http://", "https://")):
             raise ValueError("dsn must start with chdb://, http:// or https://")
         if not self.database.replace("_", "").isalnum():
             raise ValueError("database must be letters, digits and underscores")
+        if not 0 < self.journal_flush_interval <= 60:
+            raise ValueError("journal_flush_interval must be between 0 and 60 seconds")
 
 
 class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -26,7 +27,10 @@ import clickhouse_connect
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from collector.journal import Journal, JournalLocked
+
 T = TypeVar("T")
+log = logging.getLogger("logferry.storage")
 
 
 class StorageUnavailable(RuntimeError):
@@ -105,6 +109,11 @@ class Storage:
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="storage")
         self._local = threading.local()
         self._closed = False
+        #: The write-ahead journal of the hot path's tables, when one is attached
+        #: (:meth:`attach_journal`); None: every insert goes straight to ClickHouse.
+        self.journal: Journal | None = None
+        self._journal_users = 0
+        self._journal_lock = threading.Lock()
 
     # --- sync API (call from threads) ------------------------------------
 
@@ -112,8 +121,17 @@ class Storage:
     def client(self) -> Client:
         return self._client
 
+    def _barrier(self, sql: str) -> None:
+        """Read-your-writes: rows acknowledged through the journal for a table
+        this statement names are in ClickHouse before it runs."""
+        journal = self.journal
+        if journal is not None:
+            journal.barrier_for_sql(sql, timeout=max(30.0, self.query_timeout))
+
     def query_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
-                   settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                   settings: Mapping[str, Any] | None = None, *, barrier: bool = True) -> list[dict[str, Any]]:
+        if barrier:
+            self._barrier(sql)
         result = self._client.query(sql, parameters=dict(parameters or {}), settings=dict(settings or {}))
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
@@ -121,14 +139,26 @@ class Storage:
     def query_json_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
                         settings: Mapping[str, Any] | None = None) -> bytes:
         """Raw ``FORMAT JSONEachRow`` bytes of a query (``sql`` must not name a format)."""
+        self._barrier(sql)
         return bytes(self._client.raw_query(sql + " FORMAT JSONEachRow", parameters=dict(parameters or {}),
                                             settings=dict(settings or {})))
 
     def command_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
                      settings: Mapping[str, Any] | None = None) -> Any:
+        self._barrier(sql)
         return self._client.command(sql, parameters=dict(parameters or {}) or None, settings=dict(settings or {}))
 
     def insert_rows_sync(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        journal = self.journal
+        if journal is not None and journal.journaled(table):
+            journal.write_sync(table, rows)
+            return
+        self.insert_direct_sync(table, rows)
+
+    def insert_direct_sync(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert into ClickHouse itself (the journal's flusher and replay)."""
         if not rows:
             return
         self._client.raw_insert(table, None, encode_rows(rows), fmt="JSONEachRow",
@@ -141,7 +171,11 @@ class Storage:
         return await loop.run_in_executor(self._executor, fn, *args)
 
     async def query(self, sql: str, parameters: Mapping[str, Any] | None = None,
-                    settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                    settings: Mapping[str, Any] | None = None, *, barrier: bool = True) -> list[dict[str, Any]]:
+        """Rows of ``sql``. ``barrier=False`` skips waiting for journaled rows
+        (the caller looks at :meth:`Journal.pending_rows` itself)."""
+        if not barrier:
+            return await self.run(lambda: self.query_sync(sql, parameters, settings, barrier=False))
         return await self.run(self.query_sync, sql, parameters, settings)
 
     async def query_json(self, sql: str, parameters: Mapping[str, Any] | None = None,
@@ -153,7 +187,54 @@ class Storage:
         return await self.run(self.command_sync, sql, parameters, settings)
 
     async def insert_rows(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        await self.run(self.insert_rows_sync, table, rows)
+        """Store rows: through the journal for a journaled table (returns once
+        fsynced there), else one insert into ClickHouse."""
+        if not rows:
+            return
+        journal = self.journal
+        if journal is not None and journal.journaled(table):
+            await journal.write(table, rows)
+            return
+        await self.run(self.insert_direct_sync, table, rows)
+
+    # --- the journal ------------------------------------------------------------
+
+    def attach_journal(self, directory: str | os.PathLike[str], *, flush_interval: float = 0.25,
+                       remove_when_empty: bool = False) -> bool:
+        """Route the hot path's tables through a write-ahead journal in
+        ``directory`` (replaying what a previous run left there first: call it
+        after migrations, before anything reads). Several callers may attach
+        (an app restarted on the same Storage in tests); the last
+        :meth:`detach_journal` flushes and closes it. Returns False (writes go
+        straight to ClickHouse) when another process holds the folder.
+        ``remove_when_empty``: remove the folder on a clean close (the default
+        folder of an embedded store, which chDB's own lock keeps to one process)."""
+        with self._journal_lock:
+            if self.journal is not None:
+                self._journal_users += 1
+                return True
+            journal = Journal(directory, self.insert_direct_sync, flush_interval=flush_interval,
+                              remove_when_empty=remove_when_empty)
+            try:
+                journal.open()
+            except JournalLocked as exc:
+                log.warning("journal not used: %s; notifications and email are written straight to storage", exc)
+                return False
+            self.journal = journal
+            self._journal_users = 1
+            return True
+
+    def detach_journal(self) -> None:
+        with self._journal_lock:
+            if self.journal is None:
+                return
+            self._journal_users -= 1
+            if self._journal_users > 0:
+                return
+            journal = self.journal
+            # Closed (flushed) while still attached, so reads meanwhile keep their barrier.
+            journal.close()
+            self.journal = None
 
     async def ping(self) -> bool:
         try:
@@ -165,11 +246,24 @@ class Storage:
         if self._closed:
             return
         self._closed = True
+        if self.journal is not None:
+            self._journal_users = 1
+            self.detach_journal()
         self._executor.shutdown(wait=True, cancel_futures=False)
         try:
             self._client.close()
         except Exception:  # noqa: S110 - closing a client that is already gone is fine
             pass
+
+
+def default_journal_dir(dsn: str, database: str) -> str:
+    """Where the journal lives unless ``storage.journal`` says: beside the chDB
+    data folder (``<folder>-journal/<database>``) for ``chdb://``, else
+    ``./data/journal/<database>`` (local state of this collector)."""
+    if is_embedded(dsn):
+        folder = Path(chdb_path(dsn))
+        return str(folder.with_name(folder.name + "-journal") / database)
+    return str(Path("data", "journal", database).resolve())
 
 
 def open_storage(dsn: str, database: str, *, query_timeout: float = 10.0) -> Storage:

@@ -231,8 +231,17 @@ class EmailRepository:
     # --- idempotency keys ----------------------------------------------------------------
 
     async def idempotent_email_id(self, key: str) -> str | None:
+        # Keys still in the journal are looked at here, so the read need not
+        # wait for the journal's flush (a key is never written twice with
+        # different ids: the service holds the key's lock).
+        journal = self.storage.journal
+        if journal is not None and journal.journaled("email_idempotency"):
+            for row in journal.pending_rows("email_idempotency"):
+                if row.get("key") == key:
+                    return str(row["email_id"])
         rows = await self.storage.query(
-            "SELECT email_id FROM email_idempotency FINAL WHERE key = {k:String} LIMIT 1", {"k": key})
+            "SELECT email_id FROM email_idempotency FINAL WHERE key = {k:String} LIMIT 1", {"k": key},
+            barrier=journal is None)
         return rows[0]["email_id"] if rows else None
 
     async def remember_key(self, key: str, email_id: str, at: dt.datetime) -> None:

@@ -30,6 +30,7 @@ import random
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -163,6 +164,8 @@ class EmailService:
         self._workers: list[asyncio.Task[None]] = []
         self._inflight = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._keys_evicted = False
         self.counters: dict[str, int] = {"sent": 0, "failed": 0, "retried": 0, "failover": 0, "duplicates": 0,
                                          "webhooks_refused": 0}
 
@@ -207,18 +210,26 @@ class EmailService:
     # --- sending -------------------------------------------------------------------
 
     async def send(self, request: SendEmail, *, notification_id: str | None = None,
-                   idempotency_key: str | None = None, wait: bool = True) -> dict[str, Any]:
+                   idempotency_key: str | None = None, wait: bool = True,
+                   new_key: bool = False) -> dict[str, Any]:
         """Send (``wait=True``: return once a provider accepted it, status SENT) or
         queue (``wait=False``: return the QUEUED record). Raises
         :class:`InvalidEmail` (a ``PermanentError``) for a request that breaks a
         rule, :class:`Suppressed` for a suppressed recipient, ``PermanentError``
         when the message failed and ``TransientError`` when it is queued for a
-        retry. The same ``idempotency_key`` always yields the same message."""
+        retry. The same ``idempotency_key`` always yields the same message.
+
+        ``new_key=True`` is the caller's promise that no earlier process (nor
+        another collector) can have used ``idempotency_key`` — a notification
+        created by this process, on its first attempt: only the keys this
+        process created are then consulted (in memory), not storage."""
         if idempotency_key is not None:
             if not idempotency_key or len(idempotency_key) > 256:
                 raise InvalidEmail("idempotency_key", "must be 1–256 characters")
             async with self._lock("key:" + idempotency_key):
-                existing_id = await self.repo.idempotent_email_id(idempotency_key)
+                existing_id = self._keys.get(idempotency_key)
+                if existing_id is None and not (new_key and not self._keys_evicted):
+                    existing_id = await self.repo.idempotent_email_id(idempotency_key)
                 if existing_id is None:
                     record = await self._create(request, notification_id, idempotency_key, wait)
                 else:
@@ -230,6 +241,13 @@ class EmailService:
             self.queue.push(record["id"], self.clock())
             return public(record)
         return public(await self._deliver(record["id"]))
+
+    def _remember_key(self, key: str, email_id: str) -> None:
+        """Keys this process stored (bounded; ``_keys_evicted`` says it is no longer complete)."""
+        self._keys[key] = email_id
+        if len(self._keys) > 100_000:
+            self._keys.popitem(last=False)
+            self._keys_evicted = True
 
     async def _existing(self, email_id: str, wait: bool) -> dict[str, Any]:
         record = self._records.get(email_id) or await self.repo.get(email_id)
@@ -315,6 +333,8 @@ class EmailService:
         if idempotency_key is not None:
             writes.append(self.repo.remember_key(idempotency_key, record["id"], record["created_at"]))
         await asyncio.gather(*writes)
+        if idempotency_key is not None:
+            self._remember_key(idempotency_key, record["id"])
 
     async def _load_for_send(self, email_id: str) -> tuple[dict[str, Any] | None, OutgoingEmail | None]:
         record = self._records.get(email_id)

@@ -149,6 +149,9 @@ class NotificationService:
         self._cache: OrderedDict[str, Notification] = OrderedDict()
         self._deliveries: dict[str, list[Delivery]] = {}
         self._creating: dict[str, asyncio.Future[None]] = {}
+        #: Notifications this process created (and still caches): their first
+        #: attempt's idempotency keys cannot have been used by anyone before.
+        self._born_here: set[str] = set()
         self._by_provider_id: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -178,6 +181,7 @@ class NotificationService:
         while len(self._cache) > 20_000:
             old, _ = self._cache.popitem(last=False)
             self._deliveries.pop(old, None)
+            self._born_here.discard(old)
 
     async def _load(self, notification_id: str) -> Notification | None:
         n = self._cache.get(notification_id)
@@ -270,6 +274,7 @@ class NotificationService:
                 raise
             self._remember(n)
             self._deliveries[n.id] = []
+            self._born_here.add(n.id)
         finally:
             done.set_result(None)
             self._creating.pop(notification_id, None)
@@ -447,6 +452,7 @@ class NotificationService:
                 await self.hot.release_dedup(f"{user_id}\x1f{n.dedup_key}", notification_id)
             self._cache.pop(notification_id, None)
             self._deliveries.pop(notification_id, None)
+            self._born_here.discard(notification_id)
             await self.hot.unschedule(NOTIFICATION, notification_id)
         await self.hot.cache_invalidate(PREFERENCE_CACHE)
         await self.users.forget(user_id)
@@ -666,6 +672,7 @@ class NotificationService:
             priority=n.priority.name, title=n.title, message=n.message, data=n.data, address=address,
             idempotency_key=f"notification:{n.id}:{d.channel}", attempt=n.delivery_attempts,
             subject=n.title, text=n.message,
+            first_send=n.delivery_attempts == 1 and n.id in self._born_here,
         )
 
     async def _send(self, n: Notification, d: Delivery) -> _Outcome:

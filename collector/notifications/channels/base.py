@@ -63,6 +63,10 @@ class ChannelMessage(msgspec.Struct, kw_only=True):
     text: str = ""
     html: str | None = None
     items: list[DigestItem] | None = None
+    #: True when no earlier attempt (nor an earlier process) can have used
+    #: ``idempotency_key``: a notification created by this process, on its first
+    #: attempt. A channel may then skip looking the key up in storage.
+    first_send: bool = False
 
 
 class ChannelContext(msgspec.Struct, kw_only=True):

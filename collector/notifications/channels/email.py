@@ -79,7 +79,8 @@ class EmailSender:
         notification_id = None if message.items else message.notification_id
         try:
             record = await self._service().send(request, notification_id=notification_id,
-                                                idempotency_key=message.idempotency_key, wait=True)
+                                                idempotency_key=message.idempotency_key, wait=True,
+                                                new_key=message.first_send)
         except (PermanentError, TransientError):
             raise
         except ValueError as exc:

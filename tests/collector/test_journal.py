@@ -1,0 +1,326 @@
+"""The write-ahead journal in front of ClickHouse (collector/journal.py):
+torn records, group commit, replay idempotency on the real tables, the
+read-your-writes barrier, and a real collector killed with SIGKILL after
+acknowledging a notification but before flushing it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from collector.email.repository import EmailRepository, ch_time
+from collector.journal import JOURNALED_TABLES, Journal, encode_record, read_segment
+from collector.notifications.model import Delivery, Notification, Priority
+from collector.notifications.repository import NotificationRepository
+from collector.pii import PiiCipher
+from collector.storage import Storage, default_journal_dir, new_version
+from tests.helpers import SECRET, free_port
+
+
+class Recorder:
+    """A stand-in for ClickHouse: records what the journal inserts."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, table: str, rows: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.calls += 1
+            self.rows.setdefault(table, []).extend(rows)
+
+
+def segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("segment-*.log"))
+
+
+# --- records, torn tails, group commit ------------------------------------------------
+
+
+def test_a_torn_or_corrupt_tail_is_ignored_and_the_whole_records_replayed(tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    journal = Journal(live, Recorder(), flush_interval=60)
+    journal.open()
+    for i in range(3):
+        journal.write_sync("notifications", [{"id": f"n{i}", "version": i}])
+    # A crash: the process dies with the segment as it is on disk.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for path in segments(live):
+        shutil.copy(path, crashed / path.name)
+    journal.close()
+    [segment] = segments(crashed)
+    whole = segment.read_bytes()
+    torn = encode_record("notifications", [{"id": "torn", "version": 9}])
+    segment.write_bytes(whole + torn[: len(torn) // 2])
+
+    recorder = Recorder()
+    again = Journal(crashed, recorder, flush_interval=60)
+    assert again.open() == 3
+    assert [r["id"] for r in recorder.rows["notifications"]] == ["n0", "n1", "n2"]
+    assert again.stats["ignored_bytes"] == len(torn) // 2
+    again.close()
+    assert segments(crashed) == []
+
+    # A flipped byte inside a record ends the segment there too (CRC).
+    bad = bytearray(whole)
+    bad[len(whole) - 3] ^= 0xFF
+    records, ignored = read_segment(bytes(bad))
+    assert [rows[0]["id"] for _, rows in records] == ["n0", "n1"]
+    assert ignored > 0
+
+
+async def test_concurrent_writers_share_fsyncs_and_every_row_is_flushed(tmp_path: Path) -> None:
+    recorder = Recorder()
+    journal = Journal(tmp_path, recorder, flush_interval=0.05)
+    journal.open()
+    await asyncio.gather(*(journal.write("notification_deliveries", [{"id": i, "version": 1}])
+                           for i in range(200)))
+    assert journal.stats["records"] == 200
+    assert journal.stats["fsyncs"] < 200  # group commit
+    await asyncio.get_running_loop().run_in_executor(None, journal.close)
+    assert sorted(r["id"] for r in recorder.rows["notification_deliveries"]) == list(range(200))
+    assert recorder.calls < 200  # coalesced inserts
+    assert segments(tmp_path) == []
+
+
+async def test_segments_rotate_and_are_retired_once_their_rows_are_flushed(tmp_path: Path) -> None:
+    recorder = Recorder()
+    journal = Journal(tmp_path, recorder, flush_interval=60, segment_bytes=300)
+    journal.open()
+    for i in range(40):
+        await journal.write("notifications", [{"id": i, "version": 1, "pad": "x" * 50}])
+    assert len(segments(tmp_path)) > 5  # rotated; nothing flushed yet, so nothing retired
+    journal.checkpoint()
+    assert len(recorder.rows["notifications"]) == 40
+    assert len(segments(tmp_path)) == 1  # only the fresh, empty current segment
+    assert segments(tmp_path)[0].stat().st_size == 0
+    await journal.write("notifications", [{"id": 40, "version": 1}])
+    await asyncio.get_running_loop().run_in_executor(None, journal.close)
+    assert len(recorder.rows["notifications"]) == 41
+    assert segments(tmp_path) == []
+
+
+async def test_the_barrier_waits_for_the_flush_and_pending_rows_are_visible_meanwhile(tmp_path: Path) -> None:
+    recorder = Recorder()
+    journal = Journal(tmp_path, recorder, flush_interval=60)
+    journal.open()
+    await journal.write("email_idempotency", [{"key": "k1", "email_id": "e1"}])
+    assert journal.pending_rows("email_idempotency") == [{"key": "k1", "email_id": "e1"}]
+    assert recorder.rows == {}
+    started = time.monotonic()
+    await asyncio.get_running_loop().run_in_executor(
+        None, journal.barrier_for_sql, "SELECT * FROM email_idempotency FINAL")
+    assert time.monotonic() - started < 5  # flushed at once, not after the 60 s interval
+    assert recorder.rows["email_idempotency"] == [{"key": "k1", "email_id": "e1"}]
+    assert journal.pending_rows("email_idempotency") == []
+    assert journal.tables_in("SELECT 1 FROM notification_preferences") == set()
+    await asyncio.get_running_loop().run_in_executor(None, journal.close)
+
+
+def test_a_journal_folder_is_used_by_one_process_at_a_time(tmp_path: Path) -> None:
+    from collector.journal import JournalLocked
+
+    first = Journal(tmp_path, Recorder())
+    first.open()
+    with pytest.raises(JournalLocked):
+        Journal(tmp_path, Recorder()).open()
+    first.close()
+
+
+def test_default_locations() -> None:
+    assert default_journal_dir("chdb:///var/lib/logferry/clickhouse", "logferry") == \
+        "/var/lib/logferry/clickhouse-journal/logferry"
+    assert default_journal_dir("http://ch:8123/x", "db").endswith("/data/journal/db")
+
+
+# --- the real tables --------------------------------------------------------------------
+
+
+def _rows_of_every_journaled_table() -> dict[str, dict[str, Any]]:
+    now = dt.datetime.now(dt.UTC)
+    n = Notification(id=str(uuid.uuid4()), user_id="u1", type="deploy", priority=Priority.HIGH, title="t",
+                     message="m", data={"a": 1}, channels=["email", "in_app"], created_at=now)
+    d = Delivery(id=str(uuid.uuid4()), notification_id=n.id, channel="email", user_id="u1", created_at=now)
+    repo = EmailRepository.__new__(EmailRepository)
+    repo.cipher = PiiCipher(SECRET)
+    email_id = str(uuid.uuid4())
+    record = {"id": email_id, "from": "a@example.com", "to": ["b@example.com"], "subject": "s",
+              "text_body": "x", "status": "QUEUED", "created_at": now}
+    return {
+        "notifications": NotificationRepository.notification_row(n),
+        "notification_deliveries": NotificationRepository.delivery_row(d),
+        "email_messages": repo.to_row(record),
+        "email_outbox": {"email_id": email_id, "payload": "sealed", "record": "", "created_at": ch_time(now),
+                         "version": new_version()},
+        "email_idempotency": {"key": f"notification:{n.id}:email", "email_id": email_id,
+                              "created_at": ch_time(now)},
+    }
+
+
+def test_every_journaled_table_is_a_replacing_merge_tree(storage: Storage) -> None:
+    engines = {r["name"]: r["engine"] for r in storage.query_sync(
+        "SELECT name, engine FROM system.tables WHERE database = currentDatabase()")}
+    for table in JOURNALED_TABLES:
+        assert engines[table] == "ReplacingMergeTree", table
+
+
+def test_replaying_rows_that_already_reached_clickhouse_changes_nothing(storage: Storage, tmp_path: Path) -> None:
+    rows = _rows_of_every_journaled_table()
+    assert set(rows) == set(JOURNALED_TABLES)
+    for table, row in rows.items():
+        storage.insert_direct_sync(table, [row])
+    before = {t: storage.query_sync(f"SELECT * FROM {t} FINAL") for t in rows}
+    # Two segments holding the same records (a crash after the flush, before
+    # the segment was retired, then a crash during the replay itself).
+    record = b"".join(encode_record(t, [r]) for t, r in rows.items())
+    (tmp_path / f"segment-{1:020d}.log").write_bytes(record)
+    (tmp_path / f"segment-{2:020d}.log").write_bytes(record)
+    journal = Journal(tmp_path, storage.insert_direct_sync)
+    assert journal.open() == 2 * len(rows)
+    journal.close()
+    for table in rows:
+        storage.command_sync(f"OPTIMIZE TABLE {table} FINAL")
+        after = storage.query_sync(f"SELECT * FROM {table} FINAL")
+        assert after == before[table], table
+        assert storage.query_sync(f"SELECT count() AS n FROM {table}")[0]["n"] == 1, table
+
+
+async def test_reads_see_rows_that_are_only_in_the_journal(storage: Storage, tmp_path: Path) -> None:
+    assert storage.attach_journal(tmp_path, flush_interval=60)
+    try:
+        row = _rows_of_every_journaled_table()["notifications"]
+        await storage.insert_rows("notifications", [row])
+        assert storage.journal is not None and storage.journal.pending_rows("notifications")
+        found = await storage.query("SELECT toString(id) AS id FROM notifications FINAL WHERE user_id = 'u1'")
+        assert [r["id"] for r in found] == [row["id"]]
+        # Tables outside the journal are written straight through.
+        assert not storage.journal.journaled("email_events")
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, storage.detach_journal)
+    assert storage.journal is None
+
+
+async def test_a_delete_retires_the_records_so_a_replay_cannot_bring_rows_back(
+        storage: Storage, tmp_path: Path) -> None:
+    assert storage.attach_journal(tmp_path, flush_interval=60)
+    try:
+        row = _rows_of_every_journaled_table()["notifications"]
+        await storage.insert_rows("notifications", [row])
+        await storage.command("DELETE FROM notifications WHERE user_id = {u:String}", {"u": "u1"})
+        # What a crash now would replay: nothing written before the DELETE.
+        left = [rows for path in segments(tmp_path) for _, rows in read_segment(path.read_bytes())[0]]
+        assert left == []
+        assert await storage.query("SELECT id FROM notifications FINAL WHERE user_id = 'u1'") == []
+        await storage.insert_rows("notifications", [{**row, "version": new_version()}])  # still writable
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, storage.detach_journal)
+    assert len(await storage.query("SELECT id FROM notifications FINAL WHERE user_id = 'u1'")) == 1
+
+
+# --- a real collector, killed ---------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        from email import message_from_bytes, policy
+
+        raw = envelope.original_content or envelope.content
+        assert isinstance(raw, bytes)
+        self.subjects.append(str(message_from_bytes(raw, policy=policy.default)["Subject"]))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[Sink, int]]:
+    sink = Sink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield sink, port
+    controller.stop()
+
+
+def _api(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def _wait(predicate: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
+        collector_process_factory: Callable[..., Any], tmp_path: Path, smtp_sink: tuple[Sink, int]) -> None:
+    sink, port = smtp_sink
+    data = tmp_path / "collector" / "clickhouse"
+    proc = collector_process_factory({
+        # Nothing reaches ClickHouse on its own within the test: only the journal holds the rows.
+        "storage": {"dsn": f"chdb://{data}", "journal_flush_interval": "60s"},
+        "email": {"providers": [{"type": "smtp", "host": "127.0.0.1", "port": port, "starttls": "off"}]},
+    })
+    service = proc.create_token("service", "journal-test")
+    proc.start()
+    assert _api(proc.url, service, "PUT", "/v1/users/u1", {"email": "u1@example.com"})[0] in (200, 201)
+    base = {"user_id": "u1", "type": "deploy", "priority": "HIGH", "message": "m", "channels": ["email", "in_app"]}
+    # B: acknowledged and delivered before the crash.
+    status, b = _api(proc.url, service, "POST", "/v1/notifications", {**base, "title": "sent-before-crash"})
+    assert status == 201, b
+    _wait(lambda: "sent-before-crash" in sink.subjects, 15, "the first email")
+    # A: acknowledged, due a few seconds later; the collector dies at once.
+    due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
+    status, a = _api(proc.url, service, "POST", "/v1/notifications",
+                     {**base, "title": "acked-then-crash", "scheduled_for": due})
+    assert status == 201, a
+    assert proc.proc is not None
+    proc.proc.kill()  # SIGKILL: no flush, no clean shutdown
+    proc.proc.wait()
+    proc.proc = None
+    journal = Path(default_journal_dir(f"chdb://{data}", "logferry"))
+    assert sum(p.stat().st_size for p in segments(journal)) > 0
+
+    proc.start()
+    status, got = _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")
+    assert status == 200, got
+    _wait(lambda: "acked-then-crash" in sink.subjects, 20, "the resumed email")
+    _wait(lambda: _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")[1]["status"] == "SENT", 10,
+          "SENT")
+    time.sleep(1.5)  # room for a duplicate to show up
+    assert sink.subjects.count("acked-then-crash") == 1
+    assert sink.subjects.count("sent-before-crash") == 1
+    for notification in (a, b):
+        status, got = _api(proc.url, service, "GET", f"/v1/notifications/{notification['id']}")
+        assert status == 200 and got["status"] == "SENT", got
+        # Without a preference the user gets the default channels (email), once.
+        assert [(d["channel"].lower(), d["status"]) for d in got["deliveries"]] == [("email", "SENT")], got
+    proc.stop()
+    # A clean stop flushes everything and retires the segments.
+    assert segments(journal) == []
