@@ -293,6 +293,12 @@ def ch_time(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
+def word_match(b: SqlBuilder, word: str) -> str:
+    """A search word matches a token of the message or of a tag."""
+    lowered = b.bind([word], "Array(String)")
+    return f"(hasAllTokens(message, {lowered}) OR hasAnyTokens(tags, {lowered}))"
+
+
 def build_filters(b: SqlBuilder, query: LogQuery, scope: TokenScope | None) -> None:
     """Everything but the time range: levels, sources (ANDed with the token's),
     full text, tags and ids."""
@@ -304,8 +310,7 @@ def build_filters(b: SqlBuilder, query: LogQuery, scope: TokenScope | None) -> N
         # The token's own sources, ANDed: a request's `source` can only narrow.
         b.any_source(scope.sources)
     for word in query.words:
-        lowered = b.bind([word], "Array(String)")
-        b.where.append(f"(hasAllTokens(message, {lowered}) OR hasAnyTokens(tags, {lowered}))")
+        b.where.append(word_match(b, word))
     for phrase in query.phrases:
         words = tokens_of(phrase)
         if words:

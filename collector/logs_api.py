@@ -75,7 +75,8 @@ def storage_error(exc: Exception, timeout: float) -> ApiError:
 
 
 async def json_lines(storage: Storage, sql: str, params: dict[str, Any], settings: dict[str, Any]) -> list[bytes]:
-    """The rows of a JSON-line query (see :func:`select_json_sql`)."""
+    """The output lines of a query in ``FORMAT TSVRaw`` (unescaped): rendered
+    logs (see :func:`select_json_sql`) or histogram counts."""
 
     def run() -> bytes:
         return bytes(storage.client.raw_query(sql, parameters=params, settings=settings, fmt="TSVRaw"))

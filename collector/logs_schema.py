@@ -1,4 +1,4 @@
-"""Tables and indexes of log reading, tokens and retention (migrations 10–19)."""
+"""Tables, indexes and codecs of log reading, tokens and retention (migrations 10–19)."""
 
 from __future__ import annotations
 
@@ -46,5 +46,15 @@ MIGRATIONS = [
             applied_at DateTime64(3, 'UTC')
         ) ENGINE = MergeTree
         ORDER BY applied_at""",
+    )),
+    Migration(14, "log timestamps: a codec that decodes 4x faster (histograms, full-text scans)", (
+        # Histograms and searches that cannot use the p_minute_counts projection
+        # read `timestamp` for every candidate row. Delta(8)+ZSTD(1) decoded 10M
+        # stamps in 66-138 ms (measured on 2 cores); T64+LZ4 in 33 ms, at ~25%
+        # more bytes for this one column (23 vs 18 MiB per 10M rows). A metadata
+        # change: new parts (and parts rewritten by merges) use it; older parts
+        # keep Delta+ZSTD until merged or expired (OPTIMIZE TABLE … FINAL
+        # rewrites them at once, if an operator wants that).
+        "ALTER TABLE application_logs MODIFY COLUMN timestamp CODEC(T64, LZ4)",
     )),
 ]
