@@ -14,13 +14,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from collector.email.repository import EmailRepository, ch_time
 from collector.journal import JOURNALED_TABLES, Journal, encode_record, read_segment
@@ -28,7 +26,7 @@ from collector.notifications.model import Delivery, Notification, Priority
 from collector.notifications.repository import NotificationRepository
 from collector.pii import PiiCipher
 from collector.storage import Storage, default_journal_dir, new_version
-from tests.helpers import SECRET, free_port
+from tests.helpers import SECRET
 
 
 class Recorder:
@@ -236,29 +234,6 @@ async def test_a_delete_retires_the_records_so_a_replay_cannot_bring_rows_back(
 # --- a real collector, killed ---------------------------------------------------------------
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.subjects: list[str] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        from email import message_from_bytes, policy
-
-        raw = envelope.original_content or envelope.content
-        assert isinstance(raw, bytes)
-        self.subjects.append(str(message_from_bytes(raw, policy=policy.default)["Subject"]))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp_sink() -> Iterator[tuple[Sink, int]]:
-    sink = Sink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield sink, port
-    controller.stop()
-
-
 def _api(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(f"{url}{path}", data=data, method=method,
@@ -279,13 +254,15 @@ def _wait(predicate: Callable[[], bool], within: float, what: str) -> None:
 
 
 def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
-        collector_process_factory: Callable[..., Any], tmp_path: Path, smtp_sink: tuple[Sink, int]) -> None:
-    sink, port = smtp_sink
+        collector_process_factory: Callable[..., Any], tmp_path: Path, smtp_server: Any) -> None:
+    def subjects() -> list[str]:
+        return [str(m["Subject"]) for _, m in smtp_server.messages]
+
     data = tmp_path / "collector" / "clickhouse"
     proc = collector_process_factory({
         # Nothing reaches ClickHouse on its own within the test: only the journal holds the rows.
         "storage": {"dsn": f"chdb://{data}", "journal_flush_interval": "60s"},
-        "email": {"providers": [{"type": "smtp", "host": "127.0.0.1", "port": port, "starttls": "off"}]},
+        "email": {"providers": [{"type": "smtp", "host": "127.0.0.1", "port": smtp_server.port, "starttls": "off"}]},
     })
     service = proc.create_token("service", "journal-test")
     proc.start()
@@ -294,7 +271,7 @@ def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
     # B: acknowledged and delivered before the crash.
     status, b = _api(proc.url, service, "POST", "/v1/notifications", {**base, "title": "sent-before-crash"})
     assert status == 201, b
-    _wait(lambda: "sent-before-crash" in sink.subjects, 15, "the first email")
+    _wait(lambda: "sent-before-crash" in subjects(), 15, "the first email")
     # A: acknowledged, due a few seconds later; the collector dies at once.
     due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
     status, a = _api(proc.url, service, "POST", "/v1/notifications",
@@ -310,12 +287,12 @@ def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
     proc.start()
     status, got = _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")
     assert status == 200, got
-    _wait(lambda: "acked-then-crash" in sink.subjects, 20, "the resumed email")
+    _wait(lambda: "acked-then-crash" in subjects(), 20, "the resumed email")
     _wait(lambda: _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")[1]["status"] == "SENT", 10,
           "SENT")
     time.sleep(1.5)  # room for a duplicate to show up
-    assert sink.subjects.count("acked-then-crash") == 1
-    assert sink.subjects.count("sent-before-crash") == 1
+    assert subjects().count("acked-then-crash") == 1
+    assert subjects().count("sent-before-crash") == 1
     for notification in (a, b):
         status, got = _api(proc.url, service, "GET", f"/v1/notifications/{notification['id']}")
         assert status == 200 and got["status"] == "SENT", got
