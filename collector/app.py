@@ -70,7 +70,8 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
         tidy = not config.storage.journal and is_embedded(storage.dsn)
         journaled = await asyncio.get_running_loop().run_in_executor(
             None, lambda: storage.attach_journal(folder, flush_interval=float(config.storage.journal_flush_interval),
-                                                 remove_when_empty=tidy))
+                                                 remove_when_empty=tidy,
+                                                 max_unflushed_rows=config.storage.journal_max_unflushed_rows))
         metrics = app.get(appkeys.METRICS)
         if journaled and metrics is not None:
             def journal_stat(name: str) -> Callable[[], float]:

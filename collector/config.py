@@ -35,6 +35,9 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # How long journaled rows may wait before the background flush inserts them into ClickHouse
     # (reads of those tables flush at once).
     journal_flush_interval: Duration = Duration(0.25)
+    # Rows stored in the journal but not yet in ClickHouse beyond which writes are refused
+    # (503 with Retry-After) until ClickHouse catches up: bounded memory while it is away.
+    journal_max_unflushed_rows: int = 200_000
 
     def __post_init__(self) -> None:
         if not self.dsn.startswith(("chdb://", "http://", "https://")):
@@ -43,6 +46,8 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("database must be letters, digits and underscores")
         if not 0 < self.journal_flush_interval <= 60:
             raise ValueError("journal_flush_interval must be between 0 and 60 seconds")
+        if self.journal_max_unflushed_rows < 1000:
+            raise ValueError("journal_max_unflushed_rows must be at least 1000")
 
 
 class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

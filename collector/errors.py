@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from collector.auth import AuthError
+from collector.journal import JournalFull
 
 log = logging.getLogger("logferry.collector.http")
 
@@ -48,6 +49,9 @@ async def error_middleware(
     except AuthError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return json_error(exc.status, "unauthorized" if exc.status == 401 else "forbidden", str(exc), headers)
+    except JournalFull as exc:
+        log.warning("write refused: the journal is full", extra={"path": request.path, "error": str(exc)})
+        return json_error(503, "storage_backlog", "storage is not keeping up; retry shortly", {"Retry-After": "5"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -73,6 +73,11 @@ class JournalLocked(JournalError):
     """Another journal (another collector process) uses this folder."""
 
 
+class JournalFull(JournalError):
+    """Too many rows wait for ClickHouse (it is down or slower than the writers):
+    the write is refused rather than letting memory grow without bound."""
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, set | frozenset | tuple):
         return list(obj)
@@ -123,13 +128,17 @@ class Journal:
 
     def __init__(self, directory: str | os.PathLike[str], insert: Callable[[str, list[dict[str, Any]]], None], *,
                  tables: Iterable[str] = JOURNALED_TABLES, flush_interval: float = 0.25,
-                 segment_bytes: int = 4 * 1024 * 1024, fsync: bool = True, remove_when_empty: bool = False):
+                 segment_bytes: int = 4 * 1024 * 1024, fsync: bool = True, remove_when_empty: bool = False,
+                 max_unflushed_rows: int = 200_000):
         self.directory = Path(directory)
         self.tables = frozenset(tables)
         self._insert = insert
         self.flush_interval = flush_interval
         self.segment_bytes = segment_bytes
         self.fsync = fsync
+        #: Rows appended but not yet in ClickHouse beyond which writes are refused (:class:`JournalFull`).
+        self.max_unflushed_rows = max_unflushed_rows
+        self._unflushed_rows = 0
         #: On a clean close, remove the folder (and its parent, when empty too).
         self.remove_when_empty = remove_when_empty
         self._table_pattern = re.compile(r"\b(" + "|".join(sorted(self.tables, key=len, reverse=True)) + r")\b")
@@ -259,6 +268,10 @@ class Journal:
                 raise JournalError("the journal is closed")
             if self._sync_error is not None:
                 raise JournalError(f"the journal cannot be written: {self._sync_error}")
+            if self._unflushed_rows and self._unflushed_rows + len(rows) > self.max_unflushed_rows:
+                raise JournalFull(f"{self._unflushed_rows} stored rows are waiting for ClickHouse (limit "
+                                  f"{self.max_unflushed_rows})" + (f"; last error: {self._flush_error}"
+                                                                   if self._flush_error else ""))
             view = memoryview(record)
             try:
                 while view:
@@ -272,6 +285,7 @@ class Journal:
             self._segment_size += len(record)
             self._waiters.items.append((seq, done))
             self._pending.setdefault(table, []).append((seq, rows))
+            self._unflushed_rows += len(rows)
             self._last_seq[table] = seq
             if self._oldest_pending is None:
                 self._oldest_pending = time.monotonic()
@@ -442,6 +456,7 @@ class Journal:
                 with self._lock:
                     self._in_flight.pop(table, None)
                     self._flushed_seq[table] = items[-1][0]
+                    self._unflushed_rows -= len(rows)
                     self._flush_error = None
                     self.stats["flushes"] += 1
                     self.stats["flushed_rows"] += len(rows)

@@ -200,7 +200,7 @@ class Storage:
     # --- the journal ------------------------------------------------------------
 
     def attach_journal(self, directory: str | os.PathLike[str], *, flush_interval: float = 0.25,
-                       remove_when_empty: bool = False) -> bool:
+                       remove_when_empty: bool = False, max_unflushed_rows: int = 200_000) -> bool:
         """Route the hot path's tables through a write-ahead journal in
         ``directory`` (replaying what a previous run left there first: call it
         after migrations, before anything reads). Several callers may attach
@@ -208,13 +208,15 @@ class Storage:
         :meth:`detach_journal` flushes and closes it. Returns False (writes go
         straight to ClickHouse) when another process holds the folder.
         ``remove_when_empty``: remove the folder on a clean close (the default
-        folder of an embedded store, which chDB's own lock keeps to one process)."""
+        folder of an embedded store, which chDB's own lock keeps to one process).
+        ``max_unflushed_rows``: beyond it writes are refused (``JournalFull``)
+        until ClickHouse catches up, so memory stays bounded while it is away."""
         with self._journal_lock:
             if self.journal is not None:
                 self._journal_users += 1
                 return True
             journal = Journal(directory, self.insert_direct_sync, flush_interval=flush_interval,
-                              remove_when_empty=remove_when_empty)
+                              remove_when_empty=remove_when_empty, max_unflushed_rows=max_unflushed_rows)
             try:
                 journal.open()
             except JournalLocked as exc:

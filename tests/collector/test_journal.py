@@ -131,6 +131,49 @@ async def test_the_barrier_waits_for_the_flush_and_pending_rows_are_visible_mean
     await asyncio.get_running_loop().run_in_executor(None, journal.close)
 
 
+async def test_while_clickhouse_is_away_writes_are_refused_past_the_backlog_limit(tmp_path: Path) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from collector.errors import error_middleware
+    from collector.journal import JournalFull
+
+    recorder = Recorder()
+    away = threading.Event()
+    away.set()
+
+    def insert(table: str, rows: list[dict[str, Any]]) -> None:
+        if away.is_set():
+            raise ConnectionError("ClickHouse is away")
+        recorder(table, rows)
+
+    journal = Journal(tmp_path, insert, flush_interval=0.01, max_unflushed_rows=10)
+    journal.open()
+    for i in range(10):
+        await journal.write("notifications", [{"id": i, "version": 1}])
+    with pytest.raises(JournalFull, match="10 stored rows are waiting for ClickHouse"):
+        await journal.write("notifications", [{"id": 10, "version": 1}])
+
+    # The HTTP answer to a refused write: 503 with Retry-After, no stack trace.
+    async def handler(request: web.Request) -> web.Response:
+        await journal.write("notifications", [{"id": 11, "version": 1}])
+        return web.Response(text="stored")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/", handler)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post("/")
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        assert (await response.json())["error"]["code"] == "storage_backlog"
+
+    away.clear()  # back: the backlog drains and writes are taken again
+    await asyncio.get_running_loop().run_in_executor(None, journal.barrier, ["notifications"])
+    await journal.write("notifications", [{"id": 12, "version": 1}])
+    await asyncio.get_running_loop().run_in_executor(None, journal.close)
+    assert sorted(r["id"] for r in recorder.rows["notifications"]) == [*range(10), 12]
+
+
 def test_a_journal_folder_is_used_by_one_process_at_a_time(tmp_path: Path) -> None:
     from collector.journal import JournalLocked
 
