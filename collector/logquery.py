@@ -472,7 +472,7 @@ def matches(query: LogQuery, scope: TokenScope | None, row: Mapping[str, Any]) -
     if query.words or query.phrases:
         message = row.get("message") or ""
         message_tokens = set(tokens_of(message))
-        tag_tokens = {t for tag in tags for t in _SEPARATORS.split(tag) if t}
+        tag_tokens = {t for tag in tags for t in tokens_of(tag)}
         for word in query.words:
             if word not in message_tokens and word not in tag_tokens:
                 return False

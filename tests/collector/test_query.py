@@ -71,7 +71,8 @@ async def test_full_text_words_phrases_and_tags(app_client, admin_token, tokens,
     add_logs({"message": "Upstream request TIMEOUT after 3 retries", "timestamp": ago(minutes=1)},
              {"message": "request served", "timestamp": ago(minutes=2)},
              {"message": "retries exhausted", "tags": ["timeout"], "timestamp": ago(minutes=3)},
-             {"message": "timeout after request", "timestamp": ago(minutes=4)})
+             {"message": "timeout after request", "timestamp": ago(minutes=4)},
+             {"message": "charged", "tags": ["Payment-EU"], "timestamp": ago(minutes=5)})
     _, body = await get(app_client, admin_token, tokens, q="timeout request")
     assert [log["message"] for log in body["logs"]] == ["Upstream request TIMEOUT after 3 retries",
                                                         "timeout after request"]
@@ -81,6 +82,9 @@ async def test_full_text_words_phrases_and_tags(app_client, admin_token, tokens,
     assert len(body["logs"]) == 3  # the tag matches too
     _, body = await get(app_client, admin_token, tokens, tag="timeout")
     assert [log["message"] for log in body["logs"]] == ["retries exhausted"]
+    # Tags are searched whatever their case, like the message.
+    _, body = await get(app_client, admin_token, tokens, q="PAYMENT eu")
+    assert [log["message"] for log in body["logs"]] == ["charged"]
     _, body = await get(app_client, admin_token, tokens, q="nothing-like-this")
     assert body["logs"] == []
 
