@@ -34,6 +34,13 @@ class FileCheckpoint(msgspec.Struct):
     fingerprint_len: int
     offset: int
     updated: float = 0.0
+    # The file's size when last seen (-1: unknown, a checkpoint of an older
+    # agent): how much was unread if the file is gone at the next start.
+    size: int = -1
+    # The source it was read for (its ``source`` name and ``path`` glob), so a
+    # file rotated away while the agent was stopped is read with that source.
+    source: str = ""
+    source_path: str = ""
 
 
 class CheckpointFile(msgspec.Struct):

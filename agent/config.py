@@ -191,6 +191,19 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_bytes: ByteSize = ByteSize(0)
 
 
+class DeadLetterConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``state_dir/dead-letter.ndjson`` holds records the collector refused for
+    good. When a write would take it past ``max_bytes`` it is renamed to
+    ``.1`` (``.1`` to ``.2`` …), keeping ``keep`` older files; 0 never rotates."""
+
+    max_bytes: ByteSize = ByteSize(64 * 1024 * 1024)
+    keep: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+
+    def __post_init__(self) -> None:
+        if self.max_bytes and self.max_bytes < 1024:
+            raise ValueError("`max_bytes` must be 0 (no rotation) or at least 1KiB")
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     """``listen: "127.0.0.1:9188"`` serves ``GET /metrics`` (Prometheus text);
     ``summary_interval`` prints a one-line summary on stderr (0 turns it off)."""
@@ -214,6 +227,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     redact: RedactConfig = msgspec.field(default_factory=RedactConfig)
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    dead_letter: DeadLetterConfig = msgspec.field(default_factory=DeadLetterConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     # Empty: the machine's host name.
     host: str = ""

@@ -25,6 +25,7 @@ class AgentMetrics:
         self.files_open = 0
         self.spool_bytes = 0
         self.batches_pending = 0
+        self.files_lost = 0
         self.redactions: Callable[[], dict[str, int]] = dict
         self.file_lag: Callable[[], Iterable[tuple[str, str, int]]] = list
 
@@ -55,6 +56,8 @@ class AgentMetrics:
         counter("parse_errors_total", "Lines kept as plain records because they did not parse.",
                 self.parse_errors)
         counter("lines_truncated_total", "Lines cut at max_line.", self.lines_truncated)
+        counter("files_lost_total", "Checkpointed files found gone at start with lines possibly unread.",
+                self.files_lost)
         metric("redactions_total", "counter", "Values redacted, per rule.",
                [(f'{{rule="{_escape(rule)}"}}', n) for rule, n in sorted(self.redactions().items())])
         metric("files_open", "gauge", "Files being tailed.", [("", self.files_open)])

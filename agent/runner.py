@@ -44,13 +44,14 @@ import msgspec
 
 from agent.checkpoint import CheckpointFile, CheckpointStore
 from agent.config import AgentConfig, SourceConfig
+from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
 from agent.parsers import LineParser
 from agent.redact import Redactor
 from agent.shipper import Delivery, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
-from agent.tailer import Chunk, Tailer, TrackedFile
+from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
 from agent.wire import Batch, Record, decode_msgpack_batch, encode_batch
 
 log = logging.getLogger("logferry.agent")
@@ -288,6 +289,11 @@ class Agent:
     def _discover(self, now: float) -> None:
         for tracked in self.tailer.discover(now):
             self._adopt(tracked)
+        if self.tailer.lost:
+            lost, self.tailer.lost = self.tailer.lost, []
+            for item in lost:
+                self._report_lost(item)
+            self._dirty = True
         for tracked in list(self.tailer.files.values()):
             if tracked.closed:
                 if not self._pending_by_file.get(tracked.id) and self._gone(tracked):
@@ -298,6 +304,21 @@ class Agent:
             if not tracked.unmatched and tracked.source_index < len(self.pipelines):
                 tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
         self.metrics.files_open = sum(1 for f in self.tailer.files.values() if not f.closed)
+
+    def _report_lost(self, item: LostFile) -> None:
+        """One warning line per checkpointed file whose unread tail is gone:
+        which file, why, and how many bytes the agent knows it had not read
+        (lines appended after the agent's last look at the file cannot be counted)."""
+        entry = item.entry
+        spooled = self._resume_at.get(item.file_id, 0)  # read and spooled: re-sent, not lost
+        done = max(entry.offset, spooled)
+        unread = str(max(0, entry.size - done)) if entry.size >= 0 else "unknown"
+        self.metrics.files_lost += 1
+        log.warning("unread lines lost: path=%s source=%s reason=%s read_up_to=%d last_seen_size=%s "
+                    "unread_bytes_at_least=%s (bytes written after the agent last saw the file are not counted)",
+                    msgspec.json.encode(entry.path).decode(), msgspec.json.encode(entry.source).decode(),
+                    msgspec.json.encode(item.reason).decode(), done,
+                    entry.size if entry.size >= 0 else "unknown", unread)
 
     @staticmethod
     def _gone(tracked: TrackedFile) -> bool:
@@ -605,11 +626,9 @@ class Agent:
         if not records:
             lines.append(encoder.encode({"time": now, "batch_id": pending.batch_id, "reason": reason,
                                          "body_hex": body[:65536].hex()}))
-        path = self.state_dir / "dead-letter.ndjson"
-        with open(path, "ab") as out:
-            out.write(b"\n".join(lines) + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
+        cap = self.cfg.dead_letter
+        DeadLetterFile(self.state_dir / "dead-letter.ndjson", cap.max_bytes, cap.keep).append(
+            b"\n".join(lines) + b"\n")
 
     @staticmethod
     def _decompress(body: bytes, encoding: str) -> bytes:

@@ -12,6 +12,13 @@ newline; a line longer than ``max_line`` is cut, marked, and the rest of it
 skipped. A file that shrinks below the read position (copytruncate, or
 truncation in place) or whose first bytes change is read again from 0 as a
 new file.
+
+At start, a checkpointed file that is no longer at its recorded path (rotated
+by rename while the agent was stopped, to a name no glob matches) is looked up
+by device + inode + fingerprint among the files of its directory; found, its
+unread tail is read with the source it belonged to and it is released like a
+file rotated while running. Not found (deleted, or its inode reused by another
+file), it is reported in :attr:`Tailer.lost` and its entry dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import uuid
 from collections import deque
 from itertools import accumulate
 from operator import add
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.checkpoint import (
     FINGERPRINT_BYTES,
@@ -39,6 +46,14 @@ from agent.config import SourceConfig
 log = logging.getLogger("logferry.agent.tailer")
 
 TRUNCATION_MARKER = "…[line truncated at {} bytes]"
+
+
+class LostFile(NamedTuple):
+    """A checkpointed file whose unread tail cannot be read any more."""
+
+    file_id: str
+    entry: FileCheckpoint
+    reason: str
 
 
 class Chunk:
@@ -84,10 +99,13 @@ class TrackedFile:
         self.joiner: object | None = None
         # Records read but not yet batched (back-pressure): (records, end offset, raw bytes).
         self.carry: tuple[list[Any], int | None, int] | None = None
+        # The source's name and glob, kept in the checkpoint.
+        self.source = ""
+        self.source_path = ""
 
     def checkpoint(self) -> FileCheckpoint:
         return FileCheckpoint(self.path, self.dev, self.ino, self.fingerprint, self.fingerprint_len,
-                              self.acked)
+                              self.acked, size=self.size, source=self.source, source_path=self.source_path)
 
     def close(self) -> None:
         if not self.closed:
@@ -108,6 +126,21 @@ def _excluded(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def _glob_matches(pattern: str, path: str) -> bool:
+    """Whether ``path`` (absolute) is one ``glob(pattern, recursive=True)`` would
+    return, without the file having to exist; ``**`` spans directories."""
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+
+    def match(parts: list[str], names: list[str]) -> bool:
+        if not parts:
+            return not names
+        if parts[0] == "**":
+            return any(match(parts[1:], names[i:]) for i in range(len(names) + 1))
+        return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and match(parts[1:], names[1:])
+
+    return match(pattern.strip(os.sep).split(os.sep), path.strip(os.sep).split(os.sep))
+
+
 class Tailer:
     """Discovers files for the sources and reads them."""
 
@@ -119,6 +152,8 @@ class Tailer:
         self.files: dict[str, TrackedFile] = {}
         self._by_inode: dict[tuple[int, int], TrackedFile] = {}
         self.started = False
+        # Checkpointed files found gone at start (the runner reports and clears them).
+        self.lost: list[LostFile] = []
 
     def update_sources(self, sources: list[SourceConfig]) -> None:
         self.sources = sources
@@ -174,12 +209,138 @@ class Tailer:
                 tracked.deleted = True
         if not self.started:
             self.started = True
-            # Entries for files that no longer exist where they were would pile up.
+            # Files rotated away while the agent was stopped: their unread tail
+            # is read now. Other entries would only pile up.
             known = {(f.dev, f.ino) for f in self.files.values()}
+            listings: dict[str, dict[tuple[int, int], list[str]]] = {}
             for file_id, entry in list(self.saved.items()):
-                if (entry.dev, entry.ino) not in known:
-                    self.saved.pop(file_id)
+                self.saved.pop(file_id)
+                if (entry.dev, entry.ino) in known:
+                    continue
+                recovered = self._recover(file_id, entry, listings, now)
+                if recovered is not None:
+                    known.add((recovered.dev, recovered.ino))  # one inode is read once
+                    new.append(recovered)
         return new
+
+    # --- files rotated away while the agent was stopped ---------------------------
+
+    def _source_for(self, entry: FileCheckpoint) -> int | None:
+        """The index of the source a checkpointed file was read for: the same
+        name and glob; else (an older checkpoint, or the config was edited) the
+        first source whose glob matches its recorded path, one of the same name first."""
+        for index, source in enumerate(self.sources):
+            if source.path != "-" and source.path == entry.source_path and source.source == entry.source:
+                return index
+        matching = [index for index, source in enumerate(self.sources)
+                    if source.path != "-" and _glob_matches(source.path, entry.path)
+                    and not _excluded(entry.path, source.exclude)]
+        for index in matching:
+            if self.sources[index].source == entry.source:
+                return index
+        return matching[0] if matching else None
+
+    @staticmethod
+    def _candidates(entry: FileCheckpoint, listings: dict[str, dict[tuple[int, int], list[str]]]) -> list[str]:
+        """Paths in the recorded file's directory (and its symlink target's) with its device and inode."""
+        directories = [os.path.dirname(entry.path)]
+        real = os.path.dirname(os.path.realpath(entry.path))
+        if real not in directories:
+            directories.append(real)
+        paths: list[str] = []
+        for directory in directories:
+            listing = listings.get(directory)
+            if listing is None:
+                # stat, not the directory entry's inode: overlay file systems may differ there.
+                listing = listings[directory] = {}
+                try:
+                    with os.scandir(directory) as it:
+                        for item in it:
+                            try:
+                                st = item.stat()
+                            except OSError:
+                                continue
+                            if not stat.S_ISREG(st.st_mode):
+                                continue  # never open a FIFO or device that got the inode
+                            listing.setdefault((st.st_dev, st.st_ino), []).append(item.name)
+                except OSError:
+                    pass
+            paths.extend(os.path.join(directory, name) for name in sorted(listing.get((entry.dev, entry.ino), [])))
+        return paths
+
+    def _find_moved(self, entry: FileCheckpoint,
+                    listings: dict[str, dict[tuple[int, int], list[str]]]) -> tuple[str, int, os.stat_result] | str:
+        """The file of a checkpoint entry at its new name: (path, open descriptor,
+        stat); or why it cannot be read: ``deleted`` or ``inode reused``."""
+        reused = False
+        stem = os.path.basename(entry.path).split(".", 1)[0]
+        for path in self._candidates(entry, listings):
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            fst = os.fstat(fd)
+            same = (fst.st_dev, fst.st_ino) == (entry.dev, entry.ino) and stat.S_ISREG(fst.st_mode)
+            if same and not fingerprint_matches(fd, entry.fingerprint, entry.fingerprint_len):
+                reused = True  # an unrelated file that got the inode
+                same = False
+            if same and not entry.fingerprint_len and not os.path.basename(path).startswith(stem):
+                # Nothing was read of it: no fingerprint to confirm it by, so
+                # only a rotation-style name (app.log -> app.log.1) is trusted.
+                reused = True
+                same = False
+            if same:
+                return path, fd, fst
+            os.close(fd)
+        return "inode reused by another file" if reused else "deleted"
+
+    def _recover(self, file_id: str, entry: FileCheckpoint, listings: dict[str, dict[tuple[int, int], list[str]]],
+                 now: float) -> TrackedFile | None:
+        """The tracked file for the unread tail of a checkpointed file no glob
+        matched at start, or ``None`` (nothing to read, or reported lost)."""
+        try:
+            st = os.stat(entry.path)
+            if (st.st_dev, st.st_ino) == (entry.dev, entry.ino):
+                # Still where it was, but no source matches it any more (config changed).
+                log.info("%s is no longer matched by any source: forgetting it", entry.path)
+                return None
+        except OSError:
+            pass
+        found = self._find_moved(entry, listings)
+        if isinstance(found, str):
+            self.lost.append(LostFile(file_id, entry, found))
+            return None
+        path, fd, fst = found
+        if fst.st_size < entry.offset:
+            os.close(fd)
+            self.lost.append(LostFile(file_id, entry, f"truncated below its checkpoint at {path}"))
+            return None
+        if fst.st_size == entry.offset:
+            os.close(fd)
+            log.info("%s (now %s) was read to its end before the agent stopped", entry.path, path)
+            return None
+        index = self._source_for(entry)
+        if index is None:
+            os.close(fd)
+            self.lost.append(LostFile(file_id, entry, f"no source is configured for it any more (now {path})"))
+            return None
+        # Named by its old path (as a file rotated while running is) and read
+        # to its end, then released: the path no longer leads to it.
+        tracked = TrackedFile(file_id, entry.path, index, fd, fst, entry.offset, entry.fingerprint,
+                              entry.fingerprint_len, now)
+        self._describe(tracked, index)
+        tracked.rotated = True
+        tracked.unmatched = True
+        self.files[file_id] = tracked
+        self._by_inode[(tracked.dev, tracked.ino)] = tracked
+        log.info("%s was rotated to %s while the agent was stopped: reading its unread bytes %d-%d",
+                 entry.path, path, entry.offset, fst.st_size)
+        return tracked
+
+    def _describe(self, tracked: TrackedFile, index: int) -> None:
+        if index < len(self.sources):
+            tracked.source = self.sources[index].source
+            tracked.source_path = self.sources[index].path
 
     def _open(self, path: str, index: int, st: os.stat_result, now: float) -> TrackedFile | None:
         try:
@@ -194,6 +355,7 @@ class Tailer:
         file_id, pos = self._resume(fd, fst, index)
         fp, fp_len = fingerprint_fd(fd, fst.st_size)
         tracked = TrackedFile(file_id, path, index, fd, fst, pos, fp, fp_len, now)
+        self._describe(tracked, index)
         self.files[file_id] = tracked
         self._by_inode[(tracked.dev, tracked.ino)] = tracked
         log.info("tailing %s from byte %d", path, pos)
@@ -216,10 +378,12 @@ class Tailer:
             self.saved.pop(file_id)
             if not fingerprint_matches(fd, entry.fingerprint, entry.fingerprint_len):
                 log.info("inode %d was reused by a new file: reading it from the start", st.st_ino)
-                break
+                self.lost.append(LostFile(file_id, entry, "replaced (inode reused, or truncated and rewritten)"))
+                continue  # another entry (a later file on this inode) may still match
             if st.st_size < entry.offset:
                 log.info("file shrank below its checkpoint (truncated): reading it from the start")
-                break
+                self.lost.append(LostFile(file_id, entry, "truncated while the agent was stopped"))
+                continue
             return file_id, entry.offset
         file_id = uuid.uuid4().hex[:16]
         if self.first_start and not self.started and self.sources[source_index].start_at == "end":
@@ -249,6 +413,7 @@ class Tailer:
         self.files.pop(tracked.id, None)
         fresh = TrackedFile(uuid.uuid4().hex[:16], tracked.path, tracked.source_index, tracked.fd,
                             os.fstat(tracked.fd), 0, *fingerprint_fd(tracked.fd), tracked.last_growth)
+        fresh.source, fresh.source_path = tracked.source, tracked.source_path
         tracked.closed = True  # the descriptor now belongs to `fresh`
         self.files[fresh.id] = fresh
         self._by_inode[(fresh.dev, fresh.ino)] = fresh

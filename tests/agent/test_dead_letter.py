@@ -1,0 +1,99 @@
+"""The dead-letter file is size-capped and rotated by rename (.1 … .keep)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, DeadLetterConfig
+from agent.configfile import ConfigInvalid, convert
+from agent.deadletter import DeadLetterFile
+from tests.agent.conftest import agent_config, eventually, write_lines
+
+
+def entry(i: int) -> bytes:
+    return json.dumps({"index": i, "record": {"message": f"dead {i:04d}", "pad": "x" * 60}}).encode() + b"\n"
+
+
+def indexes(path: Path) -> list[int]:
+    return [json.loads(line)["index"] for line in path.read_text().splitlines()]
+
+
+def test_writing_past_the_cap_rotates_and_keeps_only_keep_files(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.ndjson"
+    dead = DeadLetterFile(path, max_bytes=1024, keep=2)
+    size = len(entry(0))
+    for i in range(100):
+        dead.append(entry(i))
+    per_file = 1024 // size
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["dead-letter.ndjson", "dead-letter.ndjson.1", "dead-letter.ndjson.2"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 1024
+    # The newest entry is in the current file; older ones follow in .1, then .2, nothing is split.
+    assert indexes(path)[-1] == 99
+    kept = indexes(tmp_path / "dead-letter.ndjson.2") + indexes(tmp_path / "dead-letter.ndjson.1") + indexes(path)
+    assert kept == list(range(100 - len(kept), 100))
+    assert len(indexes(tmp_path / "dead-letter.ndjson.1")) == per_file
+
+
+def test_an_append_larger_than_the_cap_goes_whole_into_a_fresh_file(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.ndjson"
+    dead = DeadLetterFile(path, max_bytes=1024, keep=1)
+    dead.append(entry(0))
+    big = b"".join(entry(i) for i in range(1, 40))
+    dead.append(big)
+    assert path.read_bytes() == big
+    assert indexes(tmp_path / "dead-letter.ndjson.1") == [0]
+    dead.append(entry(40))
+    assert indexes(path) == [40] and indexes(tmp_path / "dead-letter.ndjson.1") == list(range(1, 40))
+    assert not (tmp_path / "dead-letter.ndjson.2").exists()
+
+
+def test_keep_0_and_max_bytes_0(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.ndjson"
+    DeadLetterFile(path, max_bytes=1024, keep=5).append(entry(0))
+    for n in (1, 2, 4, 5):  # a gap at .3
+        (tmp_path / f"dead-letter.ndjson.{n}").write_bytes(entry(-n))
+    only = DeadLetterFile(path, max_bytes=1024, keep=0)  # `keep` lowered: older files go at the next rotation
+    for i in range(1, 30):
+        only.append(entry(i))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead-letter.ndjson"]
+    assert indexes(path)[-1] == 29
+    unbounded = DeadLetterFile(tmp_path / "other.ndjson", max_bytes=0, keep=3)
+    for i in range(50):
+        unbounded.append(entry(i))
+    assert indexes(tmp_path / "other.ndjson") == list(range(50))
+
+
+def test_config_defaults_and_limits() -> None:
+    assert DeadLetterConfig() == DeadLetterConfig(max_bytes=64 * 1024 * 1024, keep=3)  # type: ignore[arg-type]
+    cfg = convert({"dead_letter": {"max_bytes": "1MiB", "keep": 5}}, AgentConfig)
+    assert (cfg.dead_letter.max_bytes, cfg.dead_letter.keep) == (1024 * 1024, 5)
+    with pytest.raises(ConfigInvalid):
+        convert({"dead_letter": {"max_bytes": "100B"}}, AgentConfig)
+    with pytest.raises(ConfigInvalid):
+        convert({"dead_letter": {"keep": -1}}, AgentConfig)
+
+
+async def test_the_agent_rotates_its_dead_letter_file(tmp_path, stub, start_agent) -> None:
+    stub.reject = lambda r: "refused for the test"
+    (tmp_path / "logs").mkdir()
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], batch={"max_records": 2}, collector={"max_in_flight": 1},
+                       dead_letter={"max_bytes": "1KiB", "keep": 2})
+    write_lines(tmp_path / "logs" / "a.log", [f"doomed {i:03d}" for i in range(60)])
+    running = await start_agent(cfg)
+    state = tmp_path / "state"
+    await eventually(lambda: running.agent.metrics.records_rejected == 60, what="every record rejected")
+    current = state / "dead-letter.ndjson"
+    rotated = [state / "dead-letter.ndjson.1", state / "dead-letter.ndjson.2"]
+    assert current.exists() and all(p.exists() for p in rotated)
+    assert not (state / "dead-letter.ndjson.3").exists()
+    files = [rotated[1], rotated[0], current]
+    messages = [json.loads(line)["record"]["message"] for p in files for line in p.read_text().splitlines()]
+    assert messages[-1] == "doomed 059"  # the newest entry is in the current file
+    assert messages == [f"doomed {i:03d}" for i in range(60 - len(messages), 60)]
+    assert all(p.stat().st_size <= 1024 for p in files)
