@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,17 @@ def free_port() -> int:
 def cli(name: str) -> str:
     """Path of one of our console scripts in the running venv."""
     return str(VENV_BIN / name)
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition",
+             interval: float = 0.05) -> None:
+    """Poll ``check`` (blocking: for tests driving real processes) until it
+    holds; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 class FakeClock:

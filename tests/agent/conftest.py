@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from agent.config import AgentConfig
 from agent.configfile import convert
 from agent.runner import Agent
 from tests.agent.ingest_stub import IngestStub
+from tests.helpers import cli
 
 
 @pytest.fixture
@@ -84,3 +88,52 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str
 def write_lines(path: Path, lines: list[str], mode: str = "a") -> None:
     with path.open(mode) as out:
         out.write("".join(line + "\n" for line in lines))
+
+
+class AgentProcess:
+    """A real ``logferry-agent run`` process with the given ``agent:`` section;
+    its output goes to ``workdir/agent.log``."""
+
+    def __init__(self, workdir: Path, section: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = workdir / "agent.yaml"
+        self.config.write_text(json.dumps({"agent": section}))
+        self.log_path = workdir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([cli("logferry-agent"), "run", "-c", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def signal(self, signum: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        code = self.proc.wait(30)
+        self.proc = None
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def agent_processes(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``make(Kind, *args)``: a ``Kind`` (an :class:`AgentProcess`) in its own
+    folder under ``tmp_path``; every one still running is stopped at the end."""
+    made: list[AgentProcess] = []
+
+    def make(kind: type[AgentProcess], *args: Any, **kwargs: Any) -> Any:
+        workdir = tmp_path / f"agent{len(made)}"
+        workdir.mkdir()
+        proc = kind(workdir, *args, **kwargs)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.stop()

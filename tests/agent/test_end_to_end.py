@@ -10,25 +10,24 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import cli
+from tests.agent.conftest import AgentProcess
+from tests.helpers import cli, wait_for
 
 pytestmark = [pytest.mark.slow]
 
 
-class AgentProcess:
+class E2EAgent(AgentProcess):
     def __init__(self, workdir: Path, target: Any, **agent: Any) -> None:
-        self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.source = f"e2e-{uuid.uuid4().hex[:8]}"
-        self.config = workdir / "agent.yaml"
-        section = {
+        super().__init__(workdir, {
             "collector": {"url": target.url, "token": target.ingest_token, "retry_initial": "50ms",
                           "retry_max": "500ms", **agent.pop("collector", {})},
             "state_dir": str(workdir / "state"),
@@ -37,42 +36,15 @@ class AgentProcess:
             "discover_interval": "200ms",
             "metrics": {"summary_interval": 0},
             **agent,
-        }
-        self.config.write_text(json.dumps({"agent": section}))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "agent.log"
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([cli("logferry-agent"), "run", "-c", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def signal(self, signum: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-        code = self.proc.wait(30)
-        self.proc = None
-        return code
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
+        })
 
 
 @pytest.fixture
-def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    made: list[AgentProcess] = []
+def agent_process(agent_processes: Callable[..., Any]) -> Callable[..., E2EAgent]:
+    def make(target: Any, **agent: Any) -> E2EAgent:
+        return agent_processes(E2EAgent, target, **agent)  # type: ignore[no-any-return]
 
-    def make(target: Any, **agent: Any) -> AgentProcess:
-        workdir = tmp_path / f"agent{len(made)}"
-        workdir.mkdir()
-        proc = AgentProcess(workdir, target, **agent)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.stop()
+    return make
 
 
 def json_lines(path: Path, start: int, stop: int, extra: str = "") -> None:
@@ -85,15 +57,6 @@ def json_lines(path: Path, start: int, stop: int, extra: str = "") -> None:
 
 def stored(collector: Any, source: str) -> list[dict[str, Any]]:
     return collector.all_logs(source=source, start="-1h")  # type: ignore[no-any-return]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_agent_ships_every_appended_line_to_the_collector_redacted(collector_process, agent_process) -> None:

@@ -9,9 +9,8 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,21 @@ import pytest
 from agent.checkpoint import CheckpointFile, FileCheckpoint
 from agent.config import SourceConfig
 from agent.tailer import Tailer, _glob_matches
-from tests.agent.conftest import agent_config, eventually, write_lines
+from tests.agent.conftest import AgentProcess, agent_config, eventually, write_lines
 from tests.agent.ingest_stub import IngestStub, json_answer
-from tests.helpers import cli
+from tests.helpers import wait_for
 
 # --- a real `logferry-agent run` process against the ingest stub -------------------
 
 
-class AgentProcess:
+class RotationAgent(AgentProcess):
     def __init__(self, workdir: Path, url: str, **agent: Any) -> None:
-        self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir()
         self.other = workdir / "other"
         self.other.mkdir()
         self.state = workdir / "state"
-        self.config = workdir / "agent.yaml"
-        section = {
+        super().__init__(workdir, {
             "collector": {"url": url, "token": "test-token", "retry_initial": "20ms", "retry_max": "200ms",
                           **agent.pop("collector", {})},
             "state_dir": str(self.state),
@@ -52,67 +49,28 @@ class AgentProcess:
             "shutdown_timeout": "3s",
             "metrics": {"summary_interval": 0},
             **agent,
-        }
-        self.config.write_text(json.dumps({"agent": section}))
-        self.log_path = workdir / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([cli("logferry-agent"), "run", "-c", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def signal(self, signum: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-        code = self.proc.wait(30)
-        self.proc = None
-        return code
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
+        })
 
     def checkpoint(self) -> dict[str, Any]:
         return json.loads((self.state / "checkpoints.json").read_text())["files"]  # type: ignore[no-any-return]
 
-    def output(self) -> str:
-        return self.log_path.read_text()
-
 
 @pytest.fixture
-def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    made: list[AgentProcess] = []
+def agent_process(agent_processes: Callable[..., Any]) -> Callable[..., RotationAgent]:
+    def make(url: str, **agent: Any) -> RotationAgent:
+        return agent_processes(RotationAgent, url, **agent)  # type: ignore[no-any-return]
 
-    def make(url: str, **agent: Any) -> AgentProcess:
-        workdir = tmp_path / f"agent{len(made)}"
-        workdir.mkdir()
-        proc = AgentProcess(workdir, url, **agent)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.stop()
+    return make
 
 
 def json_lines(path: Path, prefix: str, start: int, stop: int) -> None:
     write_lines(path, [json.dumps({"level": "info", "msg": f"{prefix} {i:05d}"}) for i in range(start, stop)])
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("rotated_name", ["app.log.1", "app.log-20261201"])
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
 def test_file_rotated_while_stopped_to_an_unmatched_name_is_read_to_its_end_exactly_once(
-        stub: IngestStub, agent_process: Callable[..., AgentProcess], stop_signal: int, rotated_name: str) -> None:
+        stub: IngestStub, agent_process: Callable[..., RotationAgent], stop_signal: int, rotated_name: str) -> None:
     agent = agent_process(stub.url, batch={"max_records": 50})
     app = agent.logs / "app.log"
     json_lines(app, "old", 0, 300)
@@ -152,7 +110,7 @@ def test_file_rotated_while_stopped_to_an_unmatched_name_is_read_to_its_end_exac
 
 
 def test_file_deleted_while_stopped_is_reported_and_the_new_file_is_read(
-        stub: IngestStub, agent_process: Callable[..., AgentProcess]) -> None:
+        stub: IngestStub, agent_process: Callable[..., RotationAgent]) -> None:
     agent = agent_process(stub.url)
     app = agent.logs / "app.log"
     json_lines(app, "old", 0, 100)
@@ -176,7 +134,7 @@ def test_file_deleted_while_stopped_is_reported_and_the_new_file_is_read(
 
 
 def test_deleted_file_with_lines_read_but_not_shipped_reports_how_many_bytes(
-        stub: IngestStub, agent_process: Callable[..., AgentProcess]) -> None:
+        stub: IngestStub, agent_process: Callable[..., RotationAgent]) -> None:
     # The collector is away: one batch is read and spooled, the rest waits in the file.
     stub.responder = lambda n: json_answer(503, {"error": {"code": "down", "message": "down"}})
     agent = agent_process(stub.url, batch={"max_records": 50}, collector={"max_in_flight": 1})

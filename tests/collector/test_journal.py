@@ -26,7 +26,7 @@ from collector.notifications.model import Delivery, Notification, Priority
 from collector.notifications.repository import NotificationRepository
 from collector.pii import PiiCipher
 from collector.storage import Storage, default_journal_dir, new_version
-from tests.helpers import SECRET
+from tests.helpers import SECRET, wait_for
 
 
 class Recorder:
@@ -288,14 +288,6 @@ def _api(url: str, token: str, method: str, path: str, body: Any = None) -> tupl
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _wait(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
         collector_process_factory: Callable[..., Any], tmp_path: Path, smtp_server: Any) -> None:
     def subjects() -> list[str]:
@@ -314,7 +306,7 @@ def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
     # B: acknowledged and delivered before the crash.
     status, b = _api(proc.url, service, "POST", "/v1/notifications", {**base, "title": "sent-before-crash"})
     assert status == 201, b
-    _wait(lambda: "sent-before-crash" in subjects(), 15, "the first email")
+    wait_for(lambda: "sent-before-crash" in subjects(), 15, "the first email")
     # A: acknowledged, due a few seconds later; the collector dies at once.
     due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
     status, a = _api(proc.url, service, "POST", "/v1/notifications",
@@ -330,8 +322,8 @@ def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
     proc.start()
     status, got = _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")
     assert status == 200, got
-    _wait(lambda: "acked-then-crash" in subjects(), 20, "the resumed email")
-    _wait(lambda: _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")[1]["status"] == "SENT", 10,
+    wait_for(lambda: "acked-then-crash" in subjects(), 20, "the resumed email")
+    wait_for(lambda: _api(proc.url, service, "GET", f"/v1/notifications/{a['id']}")[1]["status"] == "SENT", 10,
           "SENT")
     time.sleep(1.5)  # room for a duplicate to show up
     assert subjects().count("acked-then-crash") == 1
