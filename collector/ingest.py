@@ -4,7 +4,10 @@ Rows from all requests are coalesced per table and written at most every
 ``flush_interval`` (100 ms, the spec's write pattern; ClickHouse prefers few
 large inserts). A request is answered only after its rows are stored, so an
 acknowledged batch is durable; a ``batch_id`` already stored answers
-``duplicate: true`` and stores nothing again, across restarts too.
+``duplicate: true`` and stores nothing again, across restarts too. The batch
+id is recorded by the same INSERT that stores the logs (a materialized view
+into ``ingest_batches``), so no crash can leave logs stored but their batch
+unknown.
 """
 
 from __future__ import annotations
@@ -202,13 +205,16 @@ class LogWriter:
             async with lock:
                 if await self.already_stored(batch_id):
                     return False
-                await self.logs.write(rows)
-                # Recorded after the rows: a crash between the two makes the agent
-                # resend, and the rows' ids (derived from batch_id) are the same.
-                await self.batches.write([{
-                    "batch_id": batch_id, "agent_id": agent_id, "accepted": len(rows),
-                    "received_at": _ts(dt.datetime.now(dt.UTC)),
-                }])
+                if rows:
+                    # The insert that stores the rows records the batch too
+                    # (the ingest_batches_from_logs view, migration 16).
+                    await self.logs.write(rows)
+                else:
+                    # Every record rejected: remembered so a resend is a duplicate.
+                    await self.batches.write([{
+                        "batch_id": batch_id, "agent_id": agent_id, "accepted": 0,
+                        "received_at": _ts(dt.datetime.now(dt.UTC)),
+                    }])
                 self._remember(batch_id)
                 return True
         finally:

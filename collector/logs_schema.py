@@ -69,4 +69,14 @@ MIGRATIONS = [
         "TYPE text(tokenizer = splitByNonAlpha, preprocessor = lower(tags))",
         "ALTER TABLE application_logs MATERIALIZE INDEX idx_tags",
     )),
+    Migration(16, "a stored batch is recorded by the insert that stores its logs", (
+        # Ingest wrote the logs, then an ingest_batches row: a collector that
+        # stopped between the two inserts forgot the batch, and the agent's
+        # resend stored its logs twice. Recorded by this view, the batch id
+        # goes in with the logs' own INSERT (and ingest makes one insert, not two).
+        """CREATE MATERIALIZED VIEW IF NOT EXISTS ingest_batches_from_logs TO ingest_batches AS
+        SELECT batch_id, any(agent_id) AS agent_id, now64(3, 'UTC') AS received_at,
+               toUInt32(count()) AS accepted
+        FROM application_logs WHERE batch_id != '' GROUP BY batch_id""",
+    )),
 ]

@@ -187,6 +187,31 @@ async def test_a_resent_batch_is_stored_once_even_after_a_restart(make_client, m
     assert len(await stored(storage)) == 2
 
 
+async def test_a_batch_is_known_as_stored_by_the_insert_that_stored_its_logs(make_client, make_config, tokens,
+                                                                             storage):
+    """A collector that stops right after storing a batch's logs (before any
+    other write) must still recognise the agent's resend."""
+    from collector.ingest import RetentionPolicy, build_rows, decode_body
+
+    sent = batch([rec("stored just before the crash"), rec("and this one")], batch_id="crash-window")
+    rows, rejected = build_rows(decode_body(encode_batch(sent), MSGPACK["Content-Type"]), None,
+                                RetentionPolicy(make_config()))
+    assert rejected == []
+    await storage.insert_rows("application_logs", rows)  # the logs' insert, and nothing after it
+    client = await make_client(make_config())  # the restarted collector
+    token = tokens.create("ingest")
+    resp = await client.post("/v1/ingest", data=encode_batch(sent), headers={**MSGPACK, **tokens.headers(token)})
+    assert await resp.json() == {"accepted": 0, "rejected": [], "duplicate": True}
+    assert len(await stored(storage)) == 2
+
+
+async def test_a_batch_whose_every_record_was_rejected_is_a_duplicate_when_resent(ingest, storage):
+    body = encode_batch(batch([rec(level="LOUD")], batch_id="all-bad"))
+    first = await (await ingest(body)).json()
+    assert first["accepted"] == 0 and first["duplicate"] is False and len(first["rejected"]) == 1
+    assert (await (await ingest(body)).json())["duplicate"] is True
+
+
 async def test_concurrent_copies_of_one_batch_store_it_once(ingest, storage):
     body = encode_batch(batch([rec(f"c{i}") for i in range(50)], batch_id="same-batch"))
     responses = await asyncio.gather(*(ingest(body) for _ in range(8)))
