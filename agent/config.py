@@ -237,10 +237,18 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A deleted or rotated-away file read to its end is released after this long without growth.
     release_after: Duration = Duration(5.0)
     shutdown_timeout: Duration = Duration(10.0)
+    # At most this many files are open for reading at once; files found beyond
+    # it wait (oldest first) and are read, from their checkpoint, when a slot frees.
+    max_open_files: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    # A file read and acknowledged to its end that has not grown for this long
+    # has its descriptor closed; it is reopened (same identity and offset) when it grows.
+    close_inactive: Duration = Duration(300.0)
 
     def __post_init__(self) -> None:
         if self.read_chunk < 4096:
             raise ValueError("`read_chunk` must be at least 4KiB")
+        if self.close_inactive <= 0:
+            raise ValueError("`close_inactive` must be more than 0")
         if sum(1 for s in self.sources if s.path == "-") > 1:
             raise ValueError("only one source can read standard input (`path: \"-\"`)")
 

@@ -23,6 +23,7 @@ class AgentMetrics:
         self.parse_errors = 0
         self.lines_truncated = 0
         self.files_open = 0
+        self.files_waiting = 0
         self.spool_bytes = 0
         self.batches_pending = 0
         self.files_lost = 0
@@ -60,7 +61,9 @@ class AgentMetrics:
                 self.files_lost)
         metric("redactions_total", "counter", "Values redacted, per rule.",
                [(f'{{rule="{_escape(rule)}"}}', n) for rule, n in sorted(self.redactions().items())])
-        metric("files_open", "gauge", "Files being tailed.", [("", self.files_open)])
+        metric("files_open", "gauge", "Files open for reading (at most max_open_files).", [("", self.files_open)])
+        metric("files_waiting", "gauge", "Files waiting for a slot under max_open_files.",
+               [("", self.files_waiting)])
         metric("spool_bytes", "gauge", "Bytes of batches waiting in the spool.", [("", self.spool_bytes)])
         metric("batches_pending", "gauge", "Batches not yet acknowledged.", [("", self.batches_pending)])
         metric("file_lag_bytes", "gauge", "Bytes of a file not yet acknowledged by the collector.",
@@ -76,7 +79,8 @@ class AgentMetrics:
             f"batches={self.batches_shipped} retries={self.retries} "
             f"dead_lettered={self.batches_dead_lettered} "
             f"rejected={self.records_rejected} redacted={redacted} parse_errors={self.parse_errors} "
-            f"files={self.files_open} pending_batches={self.batches_pending} spool_bytes={self.spool_bytes} "
+            f"files={self.files_open} files_waiting={self.files_waiting} "
+            f"pending_batches={self.batches_pending} spool_bytes={self.spool_bytes} "
             f"max_lag_bytes={max(lags, default=0)}"
         )
 

@@ -17,6 +17,11 @@ Back-pressure: reading pauses while ``max_in_flight`` batches are unacknowledged
 (or, with ``spool.max_bytes``, while the spool is full), so memory stays
 bounded and the files on disk are the buffer. Rotated files stay open until
 read to the end.
+
+Open files: at most ``max_open_files`` at once; the rest wait (oldest first)
+for a slot. A file read and acknowledged to its end that has not grown for
+``close_inactive`` gives its slot up (its descriptor is closed, its identity
+and offset kept) and is reopened when it grows or its turn comes.
 """
 
 from __future__ import annotations
@@ -242,7 +247,7 @@ class Agent:
         if not self.state.agent_id:
             self.state.agent_id = str(uuid.uuid4())
         self.spool = Spool(self.state_dir / "spool")
-        self.tailer = Tailer(self.cfg.sources, saved, self.cfg.read_chunk)
+        self.tailer = Tailer(self.cfg.sources, saved, self.cfg.read_chunk, self.cfg.max_open_files)
         self._resume_at: dict[str, int] = {}
         for spooled in self.spool.load():
             pending = PendingBatch(spooled, keep_body=False)
@@ -266,7 +271,7 @@ class Agent:
     def _file_lag(self) -> list[tuple[str, str, int]]:
         out = []
         for tracked in self.tailer.files.values():
-            if tracked.closed:
+            if tracked.closed or tracked.parked:
                 continue
             source = self.cfg.sources[tracked.source_index].source \
                 if tracked.source_index < len(self.cfg.sources) else ""
@@ -280,6 +285,8 @@ class Agent:
         tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
         self._pending_by_file.setdefault(tracked.id, deque())
         self._dirty = True
+        if tracked.reopens:
+            return  # a parked file reopened: its id is in the checkpoint already
         # A new file's id is random: it must be in the checkpoint before any of
         # its lines can be spooled, or after a kill -9 the restarted agent would
         # give the file a new id, miss the spooled batches' resume points, and
@@ -289,6 +296,7 @@ class Agent:
     def _discover(self, now: float) -> None:
         for tracked in self.tailer.discover(now):
             self._adopt(tracked)
+        self._drop_forgotten()
         if self.tailer.lost:
             lost, self.tailer.lost = self.tailer.lost, []
             for item in lost:
@@ -303,7 +311,39 @@ class Agent:
                 continue
             if not tracked.unmatched and tracked.source_index < len(self.pipelines):
                 tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
-        self.metrics.files_open = sum(1 for f in self.tailer.files.values() if not f.closed)
+        self._count_files()
+
+    def _count_files(self) -> None:
+        self.metrics.files_open = self.tailer.open_count()
+        self.metrics.files_waiting = len(self.tailer.waiting)
+
+    def _drop_forgotten(self) -> None:
+        if self.tailer.dropped:
+            dropped, self.tailer.dropped = self.tailer.dropped, []
+            for tracked in dropped:
+                self._pending_by_file.pop(tracked.id, None)
+            self._dirty = True
+
+    def _fill(self, now: float) -> None:
+        """Give free slots to waiting files (after files were released or closed as inactive)."""
+        if not self.tailer.waiting:
+            return
+        for tracked in self.tailer.fill(now):
+            self._adopt(tracked)
+        self._drop_forgotten()
+        self._count_files()
+
+    def _inactive(self, tracked: TrackedFile, now: float) -> bool:
+        """Whether an open file may give up its descriptor (close_inactive): read
+        and acknowledged to its end, nothing pending, idle, and not rotated away
+        (a rotated file is read to its end and released instead)."""
+        if tracked.rotated or tracked.deleted or tracked.unmatched or tracked.carry is not None \
+                or tracked.skipping or now - tracked.last_growth < self.cfg.close_inactive:
+            return False
+        if tracked.pos < tracked.size or tracked.acked < tracked.pos or self._pending_by_file.get(tracked.id):
+            return False
+        joiner = getattr(tracked, "joiner", None)
+        return not (isinstance(joiner, MultilineJoiner) and joiner.pending_start is not None)
 
     def _report_lost(self, item: LostFile) -> None:
         """One warning line per checkpointed file whose unread tail is gone:
@@ -342,8 +382,9 @@ class Agent:
         """One round over the open files; whether anything was read."""
         progressed = False
         max_records = self.cfg.batch.max_records
+        parked = False
         for tracked in list(self.tailer.files.values()):
-            if tracked.closed:
+            if tracked.closed or tracked.parked:
                 continue
             pipeline: SourcePipeline = tracked.pipeline  # type: ignore[attr-defined]
             if not self._has_room():
@@ -379,6 +420,12 @@ class Agent:
                     self._add(records, tracked.id, end, len(chunk.data), now, max_records)
                 self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
                 self.tailer.release(tracked)
+                parked = True
+            elif self._inactive(tracked, now):
+                self.tailer.park(tracked)
+                parked = True
+        if parked:
+            self._count_files()
         return progressed
 
     # --- batches ------------------------------------------------------------------
@@ -516,10 +563,15 @@ class Agent:
             if markers is None:
                 continue
             tracked = self.tailer.files.get(file_id)
+            # A spooled batch of a file not open yet (waiting for a slot after a
+            # restart): its checkpoint entry moves, or the file would be read again from there.
+            entry = self.tailer.saved.get(file_id) if tracked is None else None
             while markers and markers[0].done:
                 marker = markers.popleft()
                 if tracked is not None and marker.end > tracked.acked:
                     tracked.acked = marker.end
+                elif entry is not None and marker.end > entry.offset:
+                    entry.offset = marker.end
                 owner = marker.batch
                 owner.uncommitted -= 1
                 if owner.uncommitted == 0 and owner.seq >= 0:
@@ -736,6 +788,7 @@ class Agent:
         self.metrics.redactions = lambda: dict(self.redactor.counts)
         self.pipelines = [SourcePipeline(s, self.host, self.redactor, self.metrics) for s in cfg.sources]
         self.tailer.update_sources(cfg.sources)
+        self.tailer.max_open = cfg.max_open_files
         shipper.update(cfg.collector)
         log.info("config reloaded from %s", self.config_path)
 
@@ -796,6 +849,7 @@ class Agent:
                 self._discover(now)
                 next_discover = now + self.cfg.discover_interval
             progressed = self._read_files(now)
+            self._fill(now)
             batch = self._open
             if batch is not None and (now - batch.opened >= self.cfg.batch.max_wait):
                 self._close_batch()

@@ -19,12 +19,23 @@ by device + inode + fingerprint among the files of its directory; found, its
 unread tail is read with the source it belonged to and it is released like a
 file rotated while running. Not found (deleted, or its inode reused by another
 file), it is reported in :attr:`Tailer.lost` and its entry dropped.
+
+At most ``max_open`` files are open at once. Files found beyond that wait in
+:attr:`Tailer.waiting` (oldest first) without a descriptor; their checkpoint
+entries stay until they are opened. A file read to its end and idle for
+``close_inactive`` is *parked* by the runner: its descriptor is closed but it
+stays known (identity and offset). Discovery queues it again when its size
+differs from its offset; reopened, it continues from its offset, and the usual
+truncation check (size, fingerprint) reads a file that reused its inode from 0.
+A parked file renamed away is looked up in its directory like a file rotated
+while the agent was stopped.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import logging
 import os
 import stat
@@ -54,6 +65,17 @@ class LostFile(NamedTuple):
     file_id: str
     entry: FileCheckpoint
     reason: str
+
+
+class Waiting(NamedTuple):
+    """A file waiting for a descriptor: a new one (``tracked`` is ``None``) or a parked one."""
+
+    path: str
+    source_index: int
+    since: float
+    tracked: TrackedFile | None
+    # For a file present at the agent's first start with ``start_at: end``: its size then.
+    start_end: int | None = None
 
 
 class Chunk:
@@ -94,6 +116,8 @@ class TrackedFile:
         self.unmatched = False  # no source glob matches it any more
         self.last_growth = now
         self.closed = False
+        self.parked = False  # descriptor closed by close_inactive; the file is still known
+        self.reopens = 0
         # (end offset, done) of batches holding this file's lines, oldest first.
         self.pending: deque[list[object]] = deque()
         self.joiner: object | None = None
@@ -109,8 +133,16 @@ class TrackedFile:
 
     def close(self) -> None:
         if not self.closed:
-            os.close(self.fd)
+            if not self.parked:
+                os.close(self.fd)
             self.closed = True
+
+    def park(self) -> None:
+        """Close the descriptor but keep the file's identity and offset."""
+        if not self.closed and not self.parked:
+            os.close(self.fd)
+            self.fd = -1
+            self.parked = True
 
 
 def _line_aligned_end(fd: int, size: int) -> int:
@@ -144,9 +176,15 @@ def _glob_matches(pattern: str, path: str) -> bool:
 class Tailer:
     """Discovers files for the sources and reads them."""
 
-    def __init__(self, sources: list[SourceConfig], saved: CheckpointFile | None, read_chunk: int) -> None:
+    def __init__(self, sources: list[SourceConfig], saved: CheckpointFile | None, read_chunk: int,
+                 max_open: int = 1024) -> None:
         self.sources = sources
         self.read_chunk = read_chunk
+        self.max_open = max_open
+        # Files waiting for a descriptor, in the order they started waiting: (dev, ino) -> Waiting.
+        self.waiting: dict[tuple[int, int], Waiting] = {}
+        # Parked files found gone or replaced (the runner drops their state).
+        self.dropped: list[TrackedFile] = []
         self.first_start = saved is None
         self.saved: dict[str, FileCheckpoint] = dict(saved.files) if saved else {}
         self.files: dict[str, TrackedFile] = {}
@@ -179,23 +217,49 @@ class Tailer:
                 found.setdefault((st.st_dev, st.st_ino), (os.path.abspath(path), index, st))
         return found
 
+    def open_count(self) -> int:
+        return sum(1 for f in self.files.values() if not f.closed and not f.parked)
+
     def discover(self, now: float) -> list[TrackedFile]:
-        """Open newly matched files; mark tracked files whose path moved on,
-        that were deleted, or that no glob matches any more. Returns the new files."""
+        """Queue newly matched files and parked files whose size changed, then
+        open waiting files up to ``max_open`` (:meth:`fill`); mark tracked files
+        whose path moved on, that were deleted, or that no glob matches any
+        more. Returns the files opened."""
         found = self.matches()
         new: list[TrackedFile] = []
+        start_end = self.first_start and not self.started
+        saved_by_key: dict[tuple[int, int], list[str]] = {}
+        for file_id, entry in self.saved.items():
+            saved_by_key.setdefault((entry.dev, entry.ino), []).append(file_id)
         for key, (path, index, st) in found.items():
             tracked = self._by_inode.get(key)
             if tracked is not None:
                 tracked.unmatched = False
-                if tracked.path != path and tracked.rotated:
+                if tracked.parked:
+                    tracked.path = path
+                    if st.st_size != tracked.pos and key not in self.waiting:
+                        self.waiting[key] = Waiting(path, tracked.source_index, now, tracked)
+                elif tracked.path != path and tracked.rotated:
                     tracked.path = path
                 continue
-            opened = self._open(path, index, st, now)
-            if opened is not None:
-                new.append(opened)
+            waiting = self.waiting.get(key)
+            if waiting is not None:
+                if waiting.tracked is None and waiting.path != path:
+                    self.waiting[key] = waiting._replace(path=path, source_index=index)  # keeps its turn
+                continue
+            ids = saved_by_key.get(key, [])
+            if len(ids) == 1 and self._restore_idle(ids[0], path, index, st, now):
+                continue
+            at_end = st.st_size if start_end and self.sources[index].start_at == "end" else None
+            self.waiting[key] = Waiting(path, index, now, None, at_end)
+        gone: list[TrackedFile] = []
         for tracked in self.files.values():
             if tracked.closed:
+                continue
+            if tracked.parked:
+                key = (tracked.dev, tracked.ino)
+                if key not in found and key not in self.waiting:
+                    gone.append(tracked)
                 continue
             tracked.unmatched = (tracked.dev, tracked.ino) not in found
             try:
@@ -207,13 +271,17 @@ class Tailer:
                 tracked.deleted = os.fstat(tracked.fd).st_nlink == 0
             except OSError:
                 tracked.deleted = True
+        listings: dict[str, dict[tuple[int, int], list[str]]] = {}
+        for tracked in gone:
+            self._parked_gone(tracked, listings, now)
         if not self.started:
             self.started = True
             # Files rotated away while the agent was stopped: their unread tail
             # is read now. Other entries would only pile up.
             known = {(f.dev, f.ino) for f in self.files.values()}
-            listings: dict[str, dict[tuple[int, int], list[str]]] = {}
             for file_id, entry in list(self.saved.items()):
+                if (entry.dev, entry.ino) in self.waiting:
+                    continue  # resumed from this entry when its turn comes
                 self.saved.pop(file_id)
                 if (entry.dev, entry.ino) in known:
                     continue
@@ -221,7 +289,140 @@ class Tailer:
                 if recovered is not None:
                     known.add((recovered.dev, recovered.ino))  # one inode is read once
                     new.append(recovered)
+        new.extend(self.fill(now))
         return new
+
+    # --- the cap on open files ------------------------------------------------------
+
+    def fill(self, now: float) -> list[TrackedFile]:
+        """Open waiting files, oldest first, while fewer than ``max_open`` are open."""
+        opened: list[TrackedFile] = []
+        if not self.waiting:
+            return opened
+        free = self.max_open - self.open_count()
+        while free > 0 and self.waiting:
+            key = next(iter(self.waiting))
+            item = self.waiting.pop(key)
+            tracked = self._reopen(item, now) if item.tracked is not None else self._open_waiting(key, item, now)
+            if tracked is not None:
+                opened.append(tracked)
+                free -= 1
+        return opened
+
+    def _restore_idle(self, file_id: str, path: str, index: int, st: os.stat_result, now: float) -> bool:
+        """A checkpointed file read to its end (its size is its offset) is known
+        again without a descriptor, as a parked file: it takes no slot until it
+        changes, and reopened, its first bytes confirm it (else it is read from 0)."""
+        entry = self.saved[file_id]
+        if entry.offset != st.st_size:
+            return False
+        self.saved.pop(file_id)
+        tracked = TrackedFile(file_id, path, index, -1, st, entry.offset, entry.fingerprint,
+                              entry.fingerprint_len, now)
+        tracked.parked = True
+        self._describe(tracked, index)
+        self.files[file_id] = tracked
+        self._by_inode[(tracked.dev, tracked.ino)] = tracked
+        return True
+
+    def park(self, tracked: TrackedFile) -> None:
+        """Close an idle file's descriptor (close_inactive); it stays known."""
+        tracked.park()
+        log.info("closed inactive %s at byte %d", tracked.path, tracked.pos)
+
+    def _drop(self, tracked: TrackedFile, reason: str) -> None:
+        tracked.closed = True
+        self.forget(tracked)
+        self.dropped.append(tracked)
+        log.info("forgetting closed file %s: %s", tracked.path, reason)
+
+    def _parked_gone(self, tracked: TrackedFile, listings: dict[str, dict[tuple[int, int], list[str]]],
+                     now: float) -> None:
+        """A parked file no glob matches any more: renamed away (its unread
+        tail, if it grew, is read like a rotated file's), deleted, or left out."""
+        try:
+            st = os.stat(tracked.path)
+            if (st.st_dev, st.st_ino) == (tracked.dev, tracked.ino):
+                self._drop(tracked, "no source matches it any more")
+                return
+        except OSError:
+            pass
+        found = self._find_moved(tracked.checkpoint(), listings)
+        if isinstance(found, str):
+            self._drop(tracked, found)
+            return
+        path, fd, fst = found
+        os.close(fd)
+        if fst.st_size <= tracked.pos:
+            self._drop(tracked, f"rotated to {path}, read to its end")
+            return
+        tracked.rotated = True
+        tracked.unmatched = True
+        self.waiting[(tracked.dev, tracked.ino)] = Waiting(path, tracked.source_index, now, tracked)
+
+    def _reopen(self, item: Waiting, now: float) -> TrackedFile | None:
+        """A parked file's descriptor again, at its path or, renamed, in its directory."""
+        tracked = item.tracked
+        assert tracked is not None
+        fd: int | None
+        try:
+            fd = os.open(item.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            fd = None
+        if fd is not None:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (tracked.dev, tracked.ino) or not stat.S_ISREG(fst.st_mode):
+                os.close(fd)
+                fd = None
+        if fd is None:
+            found = self._find_moved(tracked.checkpoint(), {})
+            if isinstance(found, str):
+                self._drop(tracked, found)
+                return None
+            _, fd, fst = found
+            tracked.rotated = True
+            tracked.unmatched = True
+        # Same inode: a file that reused it, or was truncated, is noticed by
+        # check_truncation (size below the offset, or other first bytes) and read from 0.
+        tracked.fd = fd
+        tracked.parked = False
+        tracked.size = fst.st_size
+        tracked.last_growth = now
+        tracked.reopens += 1
+        log.info("reopened %s at byte %d", tracked.path, tracked.pos)
+        return tracked
+
+    def _open_waiting(self, key: tuple[int, int], item: Waiting, now: float) -> TrackedFile | None:
+        """Open a file that waited for a descriptor; renamed meanwhile, it is
+        looked up in its directory (by its checkpoint, or a rotation-style name)."""
+        path = item.path
+        rotated = False
+        try:
+            st = os.stat(path)
+            moved = (st.st_dev, st.st_ino) != key
+        except OSError:
+            moved = True
+        if moved:
+            entries = [e for e in self.saved.values() if (e.dev, e.ino) == key]
+            empty = hashlib.sha256(b"").hexdigest()
+            entry = entries[0] if entries else FileCheckpoint(path, key[0], key[1], empty, 0, 0)
+            found = self._find_moved(entry, {})
+            if isinstance(found, str):
+                for file_id, saved in list(self.saved.items()):
+                    if (saved.dev, saved.ino) == key:
+                        self.saved.pop(file_id)
+                        self.lost.append(LostFile(file_id, saved, found))
+                log.info("%s is gone before it could be opened (%s)", path, found)
+                return None
+            path, fd, st = found
+            os.close(fd)
+            rotated = True
+        tracked = self._open(path, item.source_index, st, now, item.start_end)
+        if tracked is not None and rotated:
+            tracked.path = item.path  # named by its old path, read to its end, then released
+            tracked.rotated = True
+            tracked.unmatched = True
+        return tracked
 
     # --- files rotated away while the agent was stopped ---------------------------
 
@@ -335,6 +536,9 @@ class Tailer:
         self._by_inode[(tracked.dev, tracked.ino)] = tracked
         log.info("%s was rotated to %s while the agent was stopped: reading its unread bytes %d-%d",
                  entry.path, path, entry.offset, fst.st_size)
+        if self.open_count() > self.max_open:
+            tracked.park()  # read when its turn comes
+            self.waiting[(tracked.dev, tracked.ino)] = Waiting(path, index, now, tracked)
         return tracked
 
     def _describe(self, tracked: TrackedFile, index: int) -> None:
@@ -342,7 +546,8 @@ class Tailer:
             tracked.source = self.sources[index].source
             tracked.source_path = self.sources[index].path
 
-    def _open(self, path: str, index: int, st: os.stat_result, now: float) -> TrackedFile | None:
+    def _open(self, path: str, index: int, st: os.stat_result, now: float,
+              start_end: int | None = None) -> TrackedFile | None:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -352,7 +557,7 @@ class Tailer:
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             os.close(fd)  # replaced between stat and open: next round
             return None
-        file_id, pos = self._resume(fd, fst, index)
+        file_id, pos = self._resume(fd, fst, index, start_end)
         fp, fp_len = fingerprint_fd(fd, fst.st_size)
         tracked = TrackedFile(file_id, path, index, fd, fst, pos, fp, fp_len, now)
         self._describe(tracked, index)
@@ -361,7 +566,8 @@ class Tailer:
         log.info("tailing %s from byte %d", path, pos)
         return tracked
 
-    def _resume(self, fd: int, st: os.stat_result, source_index: int) -> tuple[str, int]:
+    def _resume(self, fd: int, st: os.stat_result, source_index: int,
+                start_end: int | None = None) -> tuple[str, int]:
         """The id and start offset of a newly opened file: where it was left
         when device, inode and fingerprint match a file seen before (in this
         run or in the checkpoint); else 0, or the end of the file for files
@@ -386,8 +592,9 @@ class Tailer:
                 continue
             return file_id, entry.offset
         file_id = uuid.uuid4().hex[:16]
-        if self.first_start and not self.started and self.sources[source_index].start_at == "end":
-            return file_id, _line_aligned_end(fd, st.st_size)
+        if start_end is not None:
+            # Present at the first start (it may have waited for a descriptor since): only lines after then.
+            return file_id, _line_aligned_end(fd, min(start_end, st.st_size))
         return file_id, 0
 
     # --- reading ---------------------------------------------------------------
