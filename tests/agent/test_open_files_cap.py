@@ -34,6 +34,17 @@ def count(stub: IngestStub, prefix: str) -> list[str]:
     return sorted(m for m in stub.messages() if m.startswith(prefix))
 
 
+async def one_idle_closing_file(tmp_path: Path, stub: IngestStub, start_agent: Any, lines: list[str],
+                                close_inactive: str) -> tuple[Path, Any]:
+    """``logs/app.log`` holding ``lines``, tailed by an agent that closes idle files after ``close_inactive``."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    app = logs / "app.log"
+    write_lines(app, lines)
+    running = await start_agent(agent_config(tmp_path, stub.url, [src(tmp_path)], close_inactive=close_inactive))
+    return app, running
+
+
 class OpenFilesWatch:
     """Samples the agent's open and waiting files while the test runs."""
 
@@ -90,12 +101,8 @@ async def test_many_files_under_a_small_cap_are_all_shipped_exactly_once(tmp_pat
 
 
 async def test_an_inactive_file_that_grows_is_continued_from_its_offset(tmp_path, stub, start_agent) -> None:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    app = logs / "app.log"
-    write_lines(app, [f"first {i:03d}" for i in range(100)])
-    cfg = agent_config(tmp_path, stub.url, [src(tmp_path)], close_inactive="200ms")
-    running = await start_agent(cfg)
+    app, running = await one_idle_closing_file(
+        tmp_path, stub, start_agent, [f"first {i:03d}" for i in range(100)], "200ms")
     await eventually(lambda: len(stub.messages()) == 100, what="the first lines")
     await eventually(lambda: running.agent.metrics.files_open == 0, what="the idle file closed")
     (tracked,) = running.agent.tailer.files.values()
@@ -120,12 +127,9 @@ async def test_an_inactive_file_that_grows_is_continued_from_its_offset(tmp_path
 async def test_an_inactive_file_whose_inode_is_reused_while_closed_is_read_from_0(tmp_path, stub, start_agent,
                                                                                    caplog) -> None:
     caplog.set_level(logging.INFO, logger="logferry.agent.tailer")
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    app = logs / "app.log"
-    write_lines(app, [f"first file line {i}" for i in range(40)])
-    cfg = agent_config(tmp_path, stub.url, [src(tmp_path)], close_inactive="150ms")
-    running = await start_agent(cfg)
+    app, running = await one_idle_closing_file(
+        tmp_path, stub, start_agent, [f"first file line {i}" for i in range(40)], "150ms")
+    logs = app.parent
     await eventually(lambda: len(count(stub, "first")) == 40)
     await eventually(lambda: running.agent.metrics.files_open == 0, what="the idle file closed")
     ino = app.stat().st_ino
@@ -152,12 +156,9 @@ async def test_an_inactive_file_whose_inode_is_reused_while_closed_is_read_from_
 
 async def test_an_inactive_file_that_grew_and_was_rotated_away_is_read_to_its_end(tmp_path, stub,
                                                                                   start_agent) -> None:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    app = logs / "app.log"
-    write_lines(app, [f"old {i:03d}" for i in range(50)])
-    cfg = agent_config(tmp_path, stub.url, [src(tmp_path)], close_inactive="150ms")
-    running = await start_agent(cfg)
+    app, running = await one_idle_closing_file(
+        tmp_path, stub, start_agent, [f"old {i:03d}" for i in range(50)], "150ms")
+    logs = app.parent
     await eventually(lambda: len(stub.messages()) == 50)
     await eventually(lambda: running.agent.metrics.files_open == 0, what="the idle file closed")
     # Lines, then logrotate renames it to a name no glob matches before the agent looks again.
