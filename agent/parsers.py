@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from itertools import accumulate
+from operator import add
 from typing import Any, Literal
 
 import msgspec
 import re2
 
 from agent.config import SourceConfig
-from agent.wire import Level, parse_level, parse_timestamp
+from agent.wire import Level, Lines, parse_level, parse_timestamp
 from agent.wire import Record as Record
 
 # The collector refuses longer messages and contexts (data-model: message max
@@ -154,6 +157,13 @@ class LineParser:
         }
         self._parse_text = parse_text.get(fmt)
         self.errors = 0
+        # When set, the time given to lines without a timestamp (lines parsed
+        # by the collector get the time the agent read them).
+        self.fixed_now: str | None = None
+
+    def clock(self) -> str:
+        """The timestamp of a line that has none: now, or :attr:`fixed_now`."""
+        return self.fixed_now or now_iso()
 
     # --- entry points ------------------------------------------------------
 
@@ -369,11 +379,11 @@ class LineParser:
         ts = get("timestamp")
         context = get("context")
         if ts is None:
-            ts = now_iso()
+            ts = self.clock()
         elif not _timestamp_ok(ts):
             context = dict(context or {})
             context["timestamp_raw"] = ts
-            ts = now_iso()
+            ts = self.clock()
             tags = [*(tags or ()), "bad_timestamp"]
         level = get("level")
         if level is None:
@@ -475,7 +485,7 @@ def _compile_builder(plan: dict[str, str], parser: LineParser) -> Callable[[dict
     tail = ", ".join(f"v_{f}" if f in plan else "None" for f in _RECORD_TAIL)
     lines.append(f"    return Record({ts}, {level}, SOURCE, {message}, d or None, {tail}, TAGS, file, offset, HOST)")
     namespace: dict[str, Any] = {
-        "iso_ok": _iso_ok, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": now_iso,
+        "iso_ok": _iso_ok, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": parser.clock,
         "general": parser._record, "SOURCE": parser.source, "TAGS": parser.static_tags, "HOST": parser.host,
     }
     exec(compile("\n".join(lines), f"<json builder {sorted(plan.values())}>", "exec"), namespace)  # noqa: S102
@@ -551,7 +561,7 @@ class _TypedChunk:
                      "offset, HOST))")
         lines.append("    return out")
         namespace: dict[str, Any] = {
-            "fromiso": _fromisoformat, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": now_iso,
+            "fromiso": _fromisoformat, "LEVELS": _LEVEL_NAMES, "Record": Record, "now_iso": parser.clock,
             "Slow": _Slow, "SOURCE": parser.source, "TAGS": parser.static_tags, "HOST": parser.host,
         }
         exec(compile("\n".join(lines), f"<typed json builder {list(keys)}>", "exec"), namespace)  # noqa: S102
@@ -759,3 +769,54 @@ def parse_combined(text: str) -> dict[str, Any] | None:
         else:
             context["extra"] = extra
     return fields
+
+
+# --- lines shipped as read (parsed by the collector) ----------------------------------
+
+_SHIPPED_PARSERS: dict[tuple[Any, ...], LineParser] = {}
+SHIPPED_FORMATS = frozenset({"json"})
+
+
+def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record]], int, int]:
+    """The records of lines an agent shipped as read (:class:`agent.wire.Lines`),
+    built by the same parser and settings the agent would have used: pairs of
+    (line number in ``group.data``, record), the number of lines (blank ones
+    included) and how many did not parse (kept as ``parse_error`` records).
+    Raises ``ValueError`` naming the field when the group's settings are invalid."""
+    if group.format not in SHIPPED_FORMATS:
+        raise ValueError(f"lines.format: {group.format!r} is not a format shipped as lines (json)")
+    if len(group.source) > 200 or not group.source:
+        raise ValueError("lines.source: must be 1 to 200 characters")
+    data = group.data
+    if not data:
+        return [], 0, 0
+    if data[-1:] != b"\n":
+        data += b"\n"
+    key = (group.source, group.format, tuple(sorted((group.fields or {}).items())), tuple(group.tags or ()),
+           host)
+    parser = _SHIPPED_PARSERS.get(key)
+    if parser is None:
+        cfg = SourceConfig(path="-", source=group.source, format=group.format,  # type: ignore[arg-type]
+                           tags=list(group.tags or ()), fields=dict(group.fields or {}))
+        parser = LineParser(cfg, host)
+        if len(_SHIPPED_PARSERS) >= 256:
+            _SHIPPED_PARSERS.clear()
+        _SHIPPED_PARSERS[key] = parser
+    lines = data[:-1].split(b"\n")
+    base = group.offset or 0
+    starts = list(map(add, accumulate(map(len, lines), initial=base), range(len(lines) + 1)))
+    starts.pop()
+    read_at = dt.datetime.fromtimestamp(group.read_at, dt.UTC) if 0 < group.read_at < 1e11 else None
+    parser.fixed_now = read_at.isoformat(timespec="milliseconds").replace("+00:00", "Z") if read_at else None
+    errors_before = parser.errors
+    try:
+        records = parser.parse_lines(lines, starts, group.file, data)
+    finally:
+        parser.fixed_now = None
+    if len(records) == len(lines):
+        numbered = list(enumerate(records))
+    else:  # blank lines make no record but keep their number
+        numbered = [(bisect_left(starts, r.offset), r) for r in records]  # type: ignore[arg-type]
+    if group.offset is None:
+        numbered = [(i, msgspec.structs.replace(r, offset=None)) for i, r in numbered]
+    return numbered, len(lines), parser.errors - errors_before

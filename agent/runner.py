@@ -40,6 +40,7 @@ import time
 import uuid
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Sequence
 from itertools import accumulate
 from operator import add
 from pathlib import Path
@@ -52,24 +53,65 @@ from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
-from agent.parsers import LineParser
+from agent.parsers import SHIPPED_FORMATS, LineParser, parse_shipped_lines
 from agent.redact import Redactor
-from agent.shipper import Delivery, Shipper, Stopped
+from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
 from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
-from agent.wire import Batch, Record, decode_msgpack_batch, encode_batch
+from agent.wire import LINES_FEATURE, Batch, Lines, Record, decode_msgpack_batch, encode_batch
 
 log = logging.getLogger("logferry.agent")
 
 
+class RawRun:
+    """Consecutive lines of one file, shipped as read (:class:`agent.wire.Lines`):
+    ``data[lo:hi]``, ``count`` lines starting at file offset ``offset``."""
+
+    __slots__ = ("count", "data", "file", "hi", "lo", "offset", "pipeline", "read_at")
+
+    def __init__(self, pipeline: SourcePipeline, data: bytes, lo: int, hi: int, offset: int, count: int,
+                 file: str, read_at: float) -> None:
+        self.pipeline = pipeline
+        self.data = data
+        self.lo = lo
+        self.hi = hi
+        self.offset = offset
+        self.count = count
+        self.file = file
+        self.read_at = read_at
+
+    def split(self, lines: int) -> tuple[RawRun, RawRun]:
+        """The first ``lines`` lines (0 < lines < count) and the rest."""
+        find = self.data.find
+        pos = self.lo
+        for _ in range(lines):
+            pos = find(b"\n", pos) + 1
+        head = RawRun(self.pipeline, self.data, self.lo, pos, self.offset, lines, self.file, self.read_at)
+        tail = RawRun(self.pipeline, self.data, pos, self.hi, self.offset + pos - self.lo, self.count - lines,
+                      self.file, self.read_at)
+        return head, tail
+
+
+Item = Record | RawRun
+
+
 class SourcePipeline:
-    """Lines of one source to redacted records."""
+    """Lines of one source to redacted records, or to runs of lines shipped as
+    read for the collector to parse (JSON sources, once the collector says it
+    can: lines where the redaction prefilter finds nothing need no parsing
+    here, and parsing them once, there, costs the agent nothing)."""
 
     def __init__(self, cfg: SourceConfig, host: str, redactor: Redactor, metrics: AgentMetrics) -> None:
         self.cfg = cfg
         self.parser = LineParser(cfg, host)
         self.redactor = redactor
         self.metrics = metrics
+        # Whether this source's lines can go as read: JSON in UTF-8, one line a record.
+        self.can_ship_lines = (cfg.format in SHIPPED_FORMATS and cfg.multiline is None
+                               and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8"))
+        self.ship_lines = False
+        self.tags = list(cfg.tags) or None
+        self.fields = dict(cfg.fields) or None
 
     def joiner_for(self, tracked: Any) -> MultilineJoiner | None:
         if self.cfg.multiline is None:
@@ -80,17 +122,21 @@ class SourcePipeline:
             tracked.joiner = joiner
         return joiner
 
-    def process(self, tracked: Any, chunk: Chunk, file: str | None, now: float) -> tuple[list[Record], int]:
-        """Records of a chunk and the offset up to which they cover the file
-        (less than ``chunk.end`` while a multiline entry is pending)."""
+    def process(self, tracked: Any, chunk: Chunk, file: str | None, now: float) -> tuple[list[Item], int, int]:
+        """Records (or runs of lines) of a chunk, the number of lines they
+        hold, and the offset up to which they cover the file (less than
+        ``chunk.end`` while a multiline entry is pending)."""
+        if self.ship_lines and file is not None and not chunk.truncated and chunk.end > chunk.base:
+            return self._runs(chunk, file)
         self.metrics.lines_read += len(chunk.lines)
-        self.metrics.bytes_read += chunk.end - chunk.starts[0] if chunk.starts else 0
+        self.metrics.bytes_read += chunk.end - chunk.base
         self.metrics.lines_truncated += chunk.truncated
         joiner = self.joiner_for(tracked)
         errors_before = self.parser.errors
+        records: list[Record]
         if joiner is None:
             # The lines as read (unless long ones were cut): for the JSON parser and the redaction prefilter.
-            body = chunk.data[: chunk.end - chunk.starts[0]] if chunk.starts else b""
+            body = chunk.body if chunk.end > chunk.base else b""
             records = self.parser.parse_lines(chunk.lines, chunk.starts, file,
                                               None if chunk.truncated else body)
             records = self._redact_hits(records, chunk, body)
@@ -107,16 +153,67 @@ class SourcePipeline:
             pending = joiner.pending_start
             end = chunk.end if pending is None else pending
         self.metrics.parse_errors += self.parser.errors - errors_before
-        return records, end
+        return records, len(records), end  # type: ignore[return-value]
+
+    def _runs(self, chunk: Chunk, file: str) -> tuple[list[Item], int, int]:
+        """The chunk as runs of lines shipped as read; a line the redaction
+        prefilter hits is parsed and redacted here, as a record."""
+        body = chunk.body
+        count = chunk.count
+        self.metrics.lines_read += count
+        self.metrics.bytes_read += len(body)
+        read_at = time.time()
+        base = chunk.base
+        redactor = self.redactor
+        hits = redactor.hit_positions(body) if redactor.active else []
+        if not hits:
+            return [RawRun(self, body, 0, len(body), base, count, file, read_at)], count, chunk.end
+        items: list[Item] = []
+        rfind = body.rfind
+        find = body.find
+        lo = 0
+        hit_lines: list[bytes] = []
+        hit_starts: list[int] = []
+        for pos in hits:
+            start = rfind(b"\n", 0, pos) + 1
+            stop = find(b"\n", pos)
+            if start > lo:
+                items.append(RawRun(self, body, lo, start, base + lo, body.count(b"\n", lo, start), file,
+                                    read_at))
+            items.append(None)  # type: ignore[arg-type]  # the record, below
+            hit_lines.append(body[start:stop])
+            hit_starts.append(base + start)
+            lo = stop + 1
+        if lo < len(body):
+            items.append(RawRun(self, body, lo, len(body), base + lo, body.count(b"\n", lo), file, read_at))
+        errors_before = self.parser.errors
+        records = self.parser.parse_lines(hit_lines, hit_starts, file)
+        self.metrics.parse_errors += self.parser.errors - errors_before
+        if len(records) != len(hit_lines):  # a hit on a blank line cannot be: keep it safe anyway
+            by_start = {r.offset: r for r in records}
+            records = [by_start.get(start) for start in hit_starts]  # type: ignore[misc]
+        redact = redactor.redact_record
+        it = iter(records)
+        out: list[Item] = []
+        for item in items:
+            if item is None:
+                record = next(it)
+                if record is not None:
+                    out.append(redact(record))
+                else:
+                    count -= 1
+            else:
+                out.append(item)
+        return out, count, chunk.end
 
     def _redact_hits(self, records: list[Record], chunk: Chunk, body: bytes) -> list[Record]:
         redactor = self.redactor
         if not redactor.active:
             return records
-        hits = redactor.hit_positions(body) if chunk.starts else []
+        hits = redactor.hit_positions(body) if body else []
         if not hits:
             return records
-        base = chunk.starts[0]
+        base = chunk.base
         starts = chunk.starts
         if len(records) == len(starts):
             # One record per line: the line a hit falls in is the record's index.
@@ -154,13 +251,14 @@ class PendingBatch:
     """A spooled batch not yet acknowledged, or acknowledged but not yet
     covered by the checkpoint."""
 
-    __slots__ = ("batch_id", "body", "content_encoding", "markers", "raw_bytes", "records", "seq",
+    __slots__ = ("batch_id", "body", "content_encoding", "lines", "markers", "raw_bytes", "records", "seq",
                  "uncommitted")
 
     def __init__(self, spooled: SpooledBatch, keep_body: bool) -> None:
         self.seq = spooled.seq
         self.batch_id = spooled.batch_id
         self.records = spooled.records
+        self.lines = spooled.lines
         self.raw_bytes = spooled.raw_bytes
         self.content_encoding = spooled.content_encoding
         self.body: bytes | None = spooled.body if keep_body else None
@@ -169,13 +267,74 @@ class PendingBatch:
 
 
 class _OpenBatch:
-    __slots__ = ("opened", "ranges", "raw_bytes", "records")
+    __slots__ = ("count", "items", "opened", "ranges", "raw_bytes")
 
     def __init__(self, now: float) -> None:
-        self.records: list[Record] = []
+        self.items: list[Item] = []
+        self.count = 0  # lines: a record is one, a run of lines its count
         self.ranges: dict[str, int] = {}
         self.raw_bytes = 0
         self.opened = now
+
+
+def _split_items(items: Sequence[Item], lines: int) -> tuple[Sequence[Item], Sequence[Item], int]:
+    """The items holding the first ``lines`` lines (a run is split if need
+    be), the rest, and the number of lines of the first part."""
+    taken = 0
+    for i, item in enumerate(items):
+        n = item.count if type(item) is RawRun else 1
+        if taken + n > lines:
+            if type(item) is RawRun and lines > taken:
+                head, tail = item.split(lines - taken)
+                return [*items[:i], head], [tail, *items[i + 1:]], lines
+            return items[:i], items[i:], taken
+        taken += n
+    return items, [], taken
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _wire_items(items: list[Item]) -> tuple[list[Record], list[Lines]]:
+    """A batch's records, and its runs of lines as :class:`Lines` (runs that
+    continue each other in one file are joined)."""
+    records: list[Record] = []
+    lines: list[Lines] = []
+    pieces: list[bytes] = []
+    last: RawRun | None = None
+    next_offset = -1
+
+    def close() -> None:
+        assert last is not None
+        p = last.pipeline
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        lines.append(Lines(p.cfg.source, data, last.read_at, p.cfg.format, last.file, first_offset, p.tags,
+                           p.fields))
+
+    first_offset = 0
+    for item in items:
+        if type(item) is not RawRun:
+            records.append(item)  # type: ignore[arg-type]
+            continue
+        piece = item.data if item.lo == 0 and item.hi == len(item.data) else item.data[item.lo:item.hi]
+        if last is not None and item.offset == next_offset and item.file == last.file \
+                and item.pipeline is last.pipeline:
+            pieces.append(piece)
+        else:
+            if last is not None:
+                close()
+            pieces = [piece]
+            first_offset = item.offset
+            last = item
+        next_offset = item.offset + (item.hi - item.lo)
+    if last is not None:
+        close()
+    return records, lines
 
 
 class Agent:
@@ -210,6 +369,9 @@ class Agent:
         self._compress: Any = None
         self.content_encoding = "identity"
         self.exit_code = 0
+        # Whether the collector said it parses lines shipped as read: until it
+        # does, every line goes as a record.
+        self._lines_known = False
 
     # --- setup -----------------------------------------------------------------
 
@@ -395,9 +557,9 @@ class Agent:
                 tracked = self.tailer.renew(tracked)
                 self._adopt(tracked)
             if tracked.carry is not None:
-                records, end, raw = tracked.carry
+                items, end, raw, count = tracked.carry
                 tracked.carry = None
-                self._add(records, tracked.id, end, raw, now, max_records, tracked)
+                self._add(items, tracked.id, end, raw, now, max_records, tracked, count)
                 progressed = True
             budget = 8  # chunks per file per round, so one busy file cannot starve the rest
             while budget and self._has_room() and tracked.carry is None:
@@ -407,17 +569,16 @@ class Agent:
                     break
                 progressed = True
                 tracked.last_growth = now
-                records, end = pipeline.process(tracked, chunk, tracked.path, now)
-                self._add(records, tracked.id, end, chunk.end - (chunk.starts[0] if chunk.starts else 0),
-                          now, max_records, tracked)
+                items, count, end = pipeline.process(tracked, chunk, tracked.path, now)
+                self._add(items, tracked.id, end, chunk.end - chunk.base, now, max_records, tracked, count)
             joiner = getattr(tracked, "joiner", None)
             if isinstance(joiner, MultilineJoiner) and joiner.due(now):
                 self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
             if self._finished(tracked, now):
                 chunk = self.tailer.read_partial(tracked)
                 if chunk is not None:
-                    records, end = pipeline.process(tracked, chunk, tracked.path, now)
-                    self._add(records, tracked.id, end, len(chunk.data), now, max_records)
+                    items, count, end = pipeline.process(tracked, chunk, tracked.path, now)
+                    self._add(items, tracked.id, end, len(chunk.data), now, max_records, None, count)
                 self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
                 self.tailer.release(tracked)
                 parked = True
@@ -430,16 +591,19 @@ class Agent:
 
     # --- batches ------------------------------------------------------------------
 
-    def _add(self, records: list[Record], file_id: str | None, end: int | None, raw_bytes: int, now: float,
-             max_records: int, tracked: TrackedFile | None = None) -> None:
-        """Put records into the open batch, closing it whenever it is full.
-        ``end``: the file offset the records cover up to."""
+    def _add(self, items: Sequence[Item], file_id: str | None, end: int | None, raw_bytes: int, now: float,
+             max_records: int, tracked: TrackedFile | None = None, count: int | None = None) -> None:
+        """Put records (and runs of lines) into the open batch, closing it
+        whenever it is full. ``end``: the file offset they cover up to;
+        ``count``: the lines they hold (``len(items)`` when all are records)."""
         max_bytes = self.cfg.batch.max_bytes
-        per_record = raw_bytes / len(records) if records else 0
+        if count is None:
+            count = len(items)
+        per_record = raw_bytes / count if count else 0
         while True:
             batch = self._open
             if batch is None:
-                if not records:
+                if not items:
                     if file_id is not None and end is not None and file_id in self._pending_by_file:
                         # Nothing to send (blank lines, a pending multiline entry)
                         # but the offset may still move: ride on the next batch.
@@ -448,44 +612,53 @@ class Agent:
                         return
                 else:
                     batch = self._open = _OpenBatch(now)
-            room = max_records - len(batch.records)
+            room = max_records - batch.count
             if per_record:
                 room = min(room, max(1, int((max_bytes - batch.raw_bytes) / per_record)))
-            if len(records) <= room:
-                batch.records.extend(records)
-                batch.raw_bytes += int(per_record * len(records)) if records else raw_bytes
+            if count <= room:
+                batch.items.extend(items)
+                batch.count += count
+                batch.raw_bytes += int(per_record * count) if count else raw_bytes
                 if file_id is not None and end is not None:
                     batch.ranges[file_id] = end
-                if len(batch.records) >= max_records or batch.raw_bytes >= max_bytes:
+                if batch.count >= max_records or batch.raw_bytes >= max_bytes:
                     self._close_batch()
                 return
-            head, records = records[:room], records[room:]
-            batch.records.extend(head)
-            batch.raw_bytes += int(per_record * len(head))
-            next_start = records[0].offset
+            if count == len(items):  # one line an item
+                head, items, taken = items[:room], items[room:], room
+            else:
+                head, items, taken = _split_items(items, room)
+            count -= taken
+            batch.items.extend(head)
+            batch.count += taken
+            batch.raw_bytes += int(per_record * taken)
+            next_start = items[0].offset
             if file_id is not None and next_start is not None:
                 batch.ranges[file_id] = next_start
             self._close_batch()
             if tracked is not None and not self._has_room():
                 # Back-pressure inside a chunk: the rest waits on the file
                 # (at most one chunk per file) until there is room.
-                tracked.carry = (records, end, int(per_record * len(records)))
+                tracked.carry = (items, end, int(per_record * count), count)
                 return
 
     def _close_batch(self) -> None:
         batch = self._open
         self._open = None
-        if batch is None or (not batch.records and not batch.ranges):
+        if batch is None or (not batch.items and not batch.ranges):
             return
-        if not batch.records:
+        if not batch.items:
             # Only offsets moved (blank lines): nothing to ship, advance directly.
             self._advance_without_batch(batch.ranges)
             return
         batch_id = str(uuid.uuid4())
-        body = self._compress(encode_batch(Batch(self.state.agent_id, batch_id, self.host, batch.records)))
-        spooled = SpooledBatch(self.spool.next_seq(), batch_id, len(batch.records), batch.raw_bytes,
+        records, lines = _wire_items(batch.items)
+        shipped_lines = batch.count - len(records) if lines else 0
+        body = self._compress(encode_batch(Batch(self.state.agent_id, batch_id, self.host, records,
+                                                 lines=lines)))
+        spooled = SpooledBatch(self.spool.next_seq(), batch_id, batch.count, batch.raw_bytes,
                                [FileRange(fid, end) for fid, end in batch.ranges.items()], time.time(),
-                               self.content_encoding, body)
+                               self.content_encoding, body, shipped_lines)
         pending = PendingBatch(spooled, keep_body=True)
         for file_id, end in batch.ranges.items():
             marker = _Marker(end, pending)
@@ -628,15 +801,51 @@ class Agent:
                 body = self.spool.read_body(pending.seq).body
             try:
                 delivery = await shipper.deliver(body, pending.content_encoding)
+                answer = delivery.response
+                if pending.lines and answer is not None and not answer.duplicate \
+                        and answer.lines != pending.lines:
+                    # A collector that does not parse shipped lines (an older
+                    # one behind the same address): send them again as records.
+                    body, delivery = await self._resend_as_records(shipper, pending, body, answer)
             except Stopped:
                 self._queue.appendleft(pending)
                 return
             self._delivered(pending, body, delivery)
             pending.body = None
 
+    async def _resend_as_records(self, shipper: Shipper, pending: PendingBatch, body: bytes,
+                                 answer: IngestResponse) -> tuple[bytes, Delivery]:
+        """Ship a batch's lines again, parsed here, as records of a batch whose
+        id derives from the first one's (so a repeat is still deduplicated)."""
+        if any(p.ship_lines for p in self.pipelines):
+            log.error("the collector did not read the %d lines shipped as read in batch %s (it answered "
+                      "lines=%d): sending lines as records from now on", pending.lines, pending.batch_id,
+                      answer.lines)
+            self._collector_lines(False)
+        decoded = decode_msgpack_batch(self._decompress(body, pending.content_encoding))
+        records = [r for group in decoded.lines for _, r in parse_shipped_lines(group, decoded.host)[0]]
+        records = [self.redactor.redact_record(r) for r in records]
+        batch_id = str(uuid.uuid5(uuid.UUID(pending.batch_id), "records")) if _is_uuid(pending.batch_id) \
+            else pending.batch_id + "-records"
+        again = self._compress(encode_batch(Batch(decoded.agent_id, batch_id, decoded.host, records)))
+        if answer.rejected:
+            # The first batch's own rejections, against its body.
+            self.metrics.records_rejected += len(answer.rejected)
+            self._dead_letter(pending, body, "HTTP 200: rejected", answer.rejected)
+            answer.rejected = []
+        return again, await shipper.deliver(again, pending.content_encoding)
+
+    def _collector_lines(self, able: bool) -> None:
+        """The collector can (or cannot) parse lines shipped as read."""
+        for p in self.pipelines:
+            p.ship_lines = able and p.can_ship_lines
+        self._lines_known = able
+
     def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery) -> None:
         if delivery.stored:
             answer = delivery.response
+            if not self._lines_known and answer is not None and LINES_FEATURE in answer.features:
+                self._collector_lines(True)
             self.metrics.batches_shipped += 1
             rejected = answer.rejected if answer is not None else []
             if answer is not None and answer.duplicate:
@@ -657,7 +866,12 @@ class Agent:
         ``state_dir/dead-letter.ndjson``, each with the collector's reason."""
         try:
             raw = self._decompress(body, pending.content_encoding)
-            records = [r for _, r in decode_msgpack_batch(raw).records]
+            decoded = decode_msgpack_batch(raw)
+            records = [r for _, r in decoded.records]
+            for group in decoded.lines:  # numbered after the records, a line each
+                numbered, count, _ = parse_shipped_lines(group, decoded.host)
+                by_line: dict[int, Record] = dict(numbered)
+                records.extend(by_line.get(i) or Record("", "", group.source, "") for i in range(count))
         except Exception as exc:  # the body is ours; still keep what we can
             log.error("cannot decode dead-lettered batch %s: %s", pending.batch_id, exc)
             records = []
@@ -743,11 +957,11 @@ class Agent:
             lines = body[:-1].split(b"\n")
             starts = list(map(add, accumulate(map(len, lines), initial=offset), range(len(lines) + 1)))
             chunk = Chunk(body, lines, starts[:-1], starts[-1])
-            records, _ = pipeline.process(holder, chunk, None, time.monotonic())
-            for record in records:
+            items, _, _ = pipeline.process(holder, chunk, None, time.monotonic())
+            for record in items:  # no file: records only, never runs of lines
                 record.offset = None
             offset += len(body)
-            self._add(records, None, None, len(body), time.monotonic(), self.cfg.batch.max_records)
+            self._add(items, None, None, len(body), time.monotonic(), self.cfg.batch.max_records)
             while not self._has_room() and not self._stop.is_set():
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

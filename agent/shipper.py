@@ -37,6 +37,9 @@ class IngestResponse(msgspec.Struct):
     accepted: int = 0
     rejected: list[dict[str, Any]] = []
     duplicate: bool = False
+    # What the collector can do (agent.wire.LINES_FEATURE), and how many shipped lines it read.
+    features: list[str] = []
+    lines: int = 0
 
 
 class Delivery(msgspec.Struct):

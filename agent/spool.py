@@ -61,6 +61,8 @@ class SpooledBatch(msgspec.Struct):
     created: float
     content_encoding: str
     body: bytes
+    # Of ``records``, the lines shipped as read (agent.wire.Lines): the collector's answer must count them.
+    lines: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()

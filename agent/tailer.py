@@ -41,6 +41,7 @@ import os
 import stat
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from itertools import accumulate
 from operator import add
 from typing import Any, NamedTuple
@@ -80,17 +81,53 @@ class Waiting(NamedTuple):
 
 class Chunk:
     """Complete lines read from a file: ``lines[i]`` (without newline) starts
-    at byte ``starts[i]``; ``end`` is the offset after the last newline."""
+    at byte ``starts[i]``; ``end`` is the offset after the last newline and
+    ``base`` the offset of ``data[0]``. For a chunk made by :meth:`of_body`
+    the lines are split only when asked for (the shipped-lines path never asks)."""
 
-    __slots__ = ("data", "end", "lines", "starts", "truncated")
+    __slots__ = ("_lines", "_starts", "base", "data", "end", "truncated")
 
-    def __init__(self, data: bytes, lines: list[bytes], starts: list[int], end: int,
-                 truncated: int = 0) -> None:
+    def __init__(self, data: bytes, lines: list[bytes] | None, starts: list[int] | None, end: int,
+                 truncated: int = 0, base: int | None = None) -> None:
         self.data = data
-        self.lines = lines
-        self.starts = starts
+        self._lines = lines
+        self._starts = starts
         self.end = end
         self.truncated = truncated
+        self.base = base if base is not None else (starts[0] if starts else end)
+
+    @classmethod
+    def of_body(cls, data: bytes, base: int, end: int) -> Chunk:
+        """Lines ``data[:end - base]``, each ending with a newline, not split yet."""
+        return cls(data, None, None, end, 0, base)
+
+    @property
+    def lines(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = self.data[: self.end - self.base - 1].split(b"\n")
+        return self._lines
+
+    @property
+    def starts(self) -> list[int]:
+        if self._starts is None:
+            starts = list(map(add, accumulate(map(len, self.lines), initial=self.base),
+                              range(len(self.lines) + 1)))
+            starts.pop()
+            self._starts = starts
+        return self._starts
+
+    @property
+    def count(self) -> int:
+        """The number of lines."""
+        if self._lines is not None:
+            return len(self._lines)
+        return self.data.count(b"\n", 0, self.end - self.base)
+
+    @property
+    def body(self) -> bytes:
+        """The lines as read, each followed by its newline (for untruncated chunks)."""
+        size = self.end - self.base
+        return self.data if len(self.data) == size else self.data[:size]
 
 
 class TrackedFile:
@@ -122,7 +159,7 @@ class TrackedFile:
         self.pending: deque[list[object]] = deque()
         self.joiner: object | None = None
         # Records read but not yet batched (back-pressure): (records, end offset, raw bytes).
-        self.carry: tuple[list[Any], int | None, int] | None = None
+        self.carry: tuple[Sequence[Any], int | None, int, int] | None = None
         # The source's name and glob, kept in the checkpoint.
         self.source = ""
         self.source_path = ""
@@ -654,22 +691,25 @@ class Tailer:
                     return None
                 return self._cut(tracked, longer, base, max_line)
             data = longer
-        body = data[:last]
-        lines = body.split(b"\n")
-        truncated = 0
+        end = base + last + 1
+        chunk = Chunk.of_body(data, base, end)
         if last > max_line:
+            # A line may be longer than max_line: split now and cut those.
+            lines = chunk.lines
             for i, line in enumerate(lines):
                 if len(line) > max_line:
                     lines[i] = line[:max_line] + TRUNCATION_MARKER.format(max_line).encode()
-                    truncated += 1
-        starts = list(map(add, accumulate(map(len, lines), initial=base), range(len(lines) + 1)))
-        end = starts.pop()
+                    chunk.truncated += 1
+            if chunk.truncated:
+                # Offsets are those of the lines as read, not as cut.
+                chunk._starts = list(map(add, accumulate(map(len, data[:last].split(b"\n")), initial=base),
+                                         range(len(lines) + 1)))[:-1]
         tracked.pos = end
         if end > tracked.size:
             tracked.size = end
         if tracked.fingerprint_len < FINGERPRINT_BYTES and base < FINGERPRINT_BYTES:
             tracked.fingerprint, tracked.fingerprint_len = fingerprint_fd(tracked.fd, end)
-        return Chunk(data, lines, starts, end, truncated)
+        return chunk
 
     def _cut(self, tracked: TrackedFile, data: bytes, base: int, max_line: int) -> Chunk:
         line = data[:max_line] + TRUNCATION_MARKER.format(max_line).encode()

@@ -103,6 +103,30 @@ class Record(msgspec.Struct, omit_defaults=True):
     host: str | None = None
 
 
+class Lines(msgspec.Struct, omit_defaults=True):
+    """Lines of one file shipped as they were read, for the collector to parse
+    with the agent's parser settings (an extension of api.md's batch).
+
+    The agent ships a JSON source's lines this way when its redaction
+    prefilter found nothing in them: parsing is then done once, by the
+    collector, with the same code (:func:`agent.parsers.parse_shipped_lines`),
+    so the records are the ones the agent would have built. ``data`` is the
+    file's bytes from ``offset`` on, each line ending with a newline;
+    ``read_at`` (Unix seconds) stamps lines that carry no timestamp of their
+    own, as the agent would have when it read them. Their record indexes
+    follow the batch's ``records``, one per line, blank lines included.
+    """
+
+    source: str
+    data: bytes
+    read_at: float
+    format: str = "json"
+    file: str | None = None
+    offset: int | None = None
+    tags: list[str] | None = None
+    fields: dict[str, str] | None = None
+
+
 class Batch(msgspec.Struct, omit_defaults=True):
     """What one ``POST /v1/ingest`` carries."""
 
@@ -112,6 +136,12 @@ class Batch(msgspec.Struct, omit_defaults=True):
     records: list[Record]
     # True when the sender already applied redaction rules (the agent does).
     redacted: bool = False
+    lines: list[Lines] = []
+
+
+# What a collector that parses shipped lines says in its ingest answers; an
+# agent ships Lines only to a collector that said it.
+LINES_FEATURE = "lines"
 
 
 class _RawBatch(msgspec.Struct):
@@ -120,6 +150,7 @@ class _RawBatch(msgspec.Struct):
     host: str = ""
     records: list[msgspec.Raw] = []
     redacted: bool = False
+    lines: list[Lines] = []
 
 
 class _JsonBatch(msgspec.Struct):
@@ -139,6 +170,9 @@ class DecodedBatch(msgspec.Struct):
     records: list[tuple[int, Record]]
     errors: list[tuple[int, str]]
     redacted: bool = False
+    lines: list[Lines] = []
+    # Index of the first shipped line: the number of records in the body.
+    lines_index: int = 0
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -184,7 +218,8 @@ def decode_msgpack_batch(body: bytes) -> DecodedBatch:
     except msgspec.DecodeError as exc:
         raise WireError(f"undecodable msgpack batch: {exc}") from None
     records, errors = _decode_records(env.records, _msgpack_record)
-    return DecodedBatch(env.agent_id, env.batch_id, env.host, records, errors, env.redacted)
+    return DecodedBatch(env.agent_id, env.batch_id, env.host, records, errors, env.redacted, env.lines,
+                        len(env.records))
 
 
 def decode_json_batch(body: bytes) -> DecodedBatch:

@@ -42,7 +42,8 @@ ACK_SERVER = textwrap.dedent(
     """
     import sys, msgspec
     from aiohttp import web
-    from agent.wire import decode_msgpack_batch
+    from agent.parsers import parse_shipped_lines
+    from agent.wire import LINES_FEATURE, decode_msgpack_batch
     seen = set()
     count = 0
     async def ingest(request):
@@ -50,10 +51,19 @@ ACK_SERVER = textwrap.dedent(
         body = await request.read()
         batch = decode_msgpack_batch(body)
         if batch.batch_id in seen:
-            return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+            return web.json_response({"accepted": 0, "rejected": [], "duplicate": True,
+                                      "features": [LINES_FEATURE]})
         seen.add(batch.batch_id)
-        count += len(batch.records)
-        return web.json_response({"accepted": len(batch.records), "rejected": [], "duplicate": False})
+        # Lines shipped as read are parsed as the collector parses them.
+        accepted = len(batch.records)
+        lines = 0
+        for group in batch.lines:
+            numbered, n, _ = parse_shipped_lines(group, batch.host)
+            accepted += len(numbered)
+            lines += n
+        count += accepted
+        return web.json_response({"accepted": accepted, "rejected": [], "duplicate": False,
+                                  "features": [LINES_FEATURE], "lines": lines})
     async def stats(request):
         return web.json_response({"records": count})
     app = web.Application(client_max_size=64 << 20)

@@ -25,8 +25,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from agent.parsers import parse_shipped_lines
 from agent.redact import Redactor
 from agent.wire import (
+    LINES_FEATURE,
     DecodedBatch,
     Record,
     WireError,
@@ -301,6 +303,10 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
 SUPPORTED_ENCODINGS = ("", "identity", "zstd", "gzip", "x-gzip", "deflate")
 
 
+# Told to agents in every ingest answer (see agent.wire.LINES_FEATURE).
+FEATURES = [LINES_FEATURE]
+
+
 class UnsupportedMedia(Exception):
     pass
 
@@ -320,6 +326,27 @@ def decode_body(body: bytes, content_type: str) -> DecodedBatch:
 
 
 MAX_FUTURE = dt.timedelta(days=1)
+
+
+def add_shipped_lines(batch: DecodedBatch) -> tuple[int, int]:
+    """Parse the lines an agent shipped as read (``batch.lines``) into
+    ``batch.records``, numbered after the body's records; a group whose
+    settings are invalid rejects each of its lines with the reason.
+    Returns the number of lines and of lines that did not parse."""
+    index = batch.lines_index
+    total = parse_errors = 0
+    for group in batch.lines:
+        try:
+            numbered, count, errors = parse_shipped_lines(group, batch.host)
+        except ValueError as exc:
+            count = group.data.count(b"\n") + (1 if group.data[-1:] not in (b"\n", b"") else 0)
+            batch.errors.extend((index + i, str(exc)) for i in range(count))
+        else:
+            batch.records.extend((index + i, record) for i, record in numbered)
+            parse_errors += errors
+        index += count
+        total += count
+    return total, parse_errors
 
 
 def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: RetentionPolicy,
@@ -413,7 +440,13 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
         return json_error(400, "bad_request", "batch_id: longer than 128 characters")
     if batch.batch_id and await writer.already_stored(batch.batch_id):
         metrics.inc("logferry_ingest_duplicate_batches_total")
-        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES})
+    lines = 0
+    if batch.lines:
+        lines, parse_errors = add_shipped_lines(batch)
+        metrics.inc("logferry_ingest_lines_total", lines)
+        if parse_errors:
+            metrics.inc("logferry_ingest_parse_errors_total", parse_errors)
     # Agents redact before shipping; everything else is redacted here.
     redactor = None if batch.redacted else app[appkeys.REDACTOR]
     rows, rejected = build_rows(batch, redactor, app[appkeys.RETENTION])
@@ -429,11 +462,14 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
                           headers={"Retry-After": "2"})
     if not stored:
         metrics.inc("logferry_ingest_duplicate_batches_total")
-        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES})
     metrics.inc("logferry_ingest_records_total", len(rows))
     metrics.inc("logferry_ingest_rejected_total", len(rejected))
     events = app[appkeys.EVENTS]
     if rows and events.has_subscribers(LOG):
         events.publish(LOG, stored_events(rows))
-    return web.Response(body=orjson.dumps({"accepted": len(rows), "rejected": rejected, "duplicate": False}),
-                        content_type="application/json")
+    answer: dict[str, Any] = {"accepted": len(rows), "rejected": rejected, "duplicate": False,
+                              "features": FEATURES}
+    if batch.lines:
+        answer["lines"] = lines
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")

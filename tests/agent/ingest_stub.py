@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from agent.wire import Record, decode_msgpack_batch
+from agent.parsers import parse_shipped_lines
+from agent.wire import LINES_FEATURE, Record, decode_msgpack_batch
 
 
 class IngestStub:
@@ -32,6 +33,10 @@ class IngestStub:
         self.reject: Callable[[Record], str | None] | None = None
         self.delay = 0.0
         self.encodings: list[str] = []
+        # As the real collector: parse lines shipped as read and say so. False
+        # plays an older collector, which ignores them and does not say it.
+        self.lines_feature = True
+        self.lines_posts = 0  # requests that carried lines shipped as read
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -62,10 +67,21 @@ class IngestStub:
         body = await request.read()
         self.encodings.append(request.headers.get("Content-Encoding", "identity"))
         batch = decode_msgpack_batch(body)
+        features = [LINES_FEATURE] if self.lines_feature else []
+        lines = 0
+        if batch.lines:
+            self.lines_posts += 1
+        if batch.lines and self.lines_feature:
+            index = batch.lines_index
+            for group in batch.lines:
+                numbered, count, _ = parse_shipped_lines(group, batch.host)
+                batch.records.extend((index + i, record) for i, record in numbered)
+                index += count
+                lines += count
         with self.lock:
             if batch.batch_id in self.batches:
                 self.duplicates += 1
-                return web.json_response({"accepted": 0, "rejected": [], "duplicate": True})
+                return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": features})
             stored: list[Record] = []
             rejected: list[dict[str, Any]] = [{"index": i, "error": e} for i, e in batch.errors]
             for index, record in batch.records:
@@ -75,7 +91,11 @@ class IngestStub:
                 else:
                     stored.append(record)
             self.batches[batch.batch_id] = stored
-        return web.json_response({"accepted": len(stored), "rejected": rejected, "duplicate": False})
+        answer: dict[str, Any] = {"accepted": len(stored), "rejected": rejected, "duplicate": False,
+                                  "features": features}
+        if lines:
+            answer["lines"] = lines
+        return web.json_response(answer)
 
     def start(self, port: int = 0) -> IngestStub:
         def serve() -> None:

@@ -1,0 +1,207 @@
+"""Lines shipped as read: a JSON source's lines that the redaction prefilter
+does not hit go to the collector unparsed (agent.wire.Lines), the rest as
+redacted records. The records stored must be the ones the records-only path
+makes, every line exactly once, also across batch boundaries, dead letters and
+a collector that stops parsing lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.config import RedactConfig, SourceConfig
+from agent.metrics import AgentMetrics
+from agent.parsers import parse_shipped_lines
+from agent.redact import Redactor
+from agent.runner import RawRun, SourcePipeline, _split_items, _wire_items
+from agent.tailer import Chunk
+from agent.wire import Record
+from tests.agent.conftest import agent_config, eventually, write_lines
+
+CARD = "4111 1111 1111 1111"
+SENSITIVE = [f"card {CARD}", "ssn 123-45-6789", "mail bob@example.com", "password=hunter2",
+             "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc", "uuid 5d9dc9f8-1818-e811-892f-902bd23f0824",
+             "order 1234567890123456789", "at 1764550000000"]
+
+
+def pipeline(ship_lines: bool, **source: Any) -> SourcePipeline:
+    cfg = SourceConfig(path="x", source="app", format="json", **source)
+    p = SourcePipeline(cfg, "host-1", Redactor(RedactConfig()), AgentMetrics())
+    p.ship_lines = ship_lines
+    return p
+
+
+def chunk_of(lines: list[str], base: int = 1000) -> Chunk:
+    data = "".join(line + "\n" for line in lines).encode()
+    return Chunk.of_body(data + b'{"partial', base, base + len(data))
+
+
+def expand(items: list[Any]) -> list[Record]:
+    """What the collector stores from a pipeline's items: records as they are,
+    runs parsed as it parses them."""
+    records, groups = _wire_items(items)
+    out = list(records)
+    for group in groups:
+        out.extend(r for _, r in parse_shipped_lines(group, "host-1")[0])
+    return out
+
+
+line_texts = st.lists(
+    st.tuples(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=30),
+              st.sampled_from(["", *SENSITIVE]), st.booleans()),
+    min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(line_texts)
+def test_lines_path_stores_the_records_of_the_records_path(texts: list[tuple[str, str, bool]]) -> None:
+    lines = []
+    for i, (noise, secret, in_context) in enumerate(texts):
+        obj: dict[str, Any] = {"ts": f"2026-12-01T00:00:{i % 60:02d}.000Z", "level": "info", "msg": f"{noise} {secret}"}
+        if in_context:
+            obj["context_field"] = secret
+            obj["token"] = "abc" if secret else None
+        lines.append(json.dumps(obj))
+    chunk = chunk_of(lines)
+    plain_items, plain_count, plain_end = pipeline(False).process(None, chunk_of(lines), "/f.log", 0.0)
+    items, count, end = pipeline(True).process(None, chunk, "/f.log", 0.0)
+    assert (count, end) == (plain_count, plain_end) == (len(lines), chunk.end)
+    assert sum(i.count if isinstance(i, RawRun) else 1 for i in items) == len(lines)
+    by_offset = {r.offset: r for r in expand(items)}
+    assert by_offset == {r.offset: r for r in plain_items}  # type: ignore[union-attr]
+    stored = json.dumps([msg for r in by_offset.values() for msg in (r.message, r.context)])
+    assert CARD not in stored and "123-45-6789" not in stored and "hunter2" not in stored
+    assert "bob@example.com" not in stored or "email" not in RedactConfig().rules
+
+
+def test_a_chunk_without_hits_is_one_run_and_hits_become_redacted_records() -> None:
+    lines = [json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": f"line {i}"}) for i in range(10)]
+    items, count, _ = pipeline(True).process(None, chunk_of(lines), "/f.log", 0.0)
+    assert count == 10 and len(items) == 1 and isinstance(items[0], RawRun) and items[0].count == 10
+    lines[3] = json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": f"paid with {CARD}"})
+    lines[9] = json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": "x", "password": "p4ss"})
+    items, count, _ = pipeline(True).process(None, chunk_of(lines), "/f.log", 0.0)
+    kinds = [(type(i).__name__, i.count if isinstance(i, RawRun) else 1) for i in items]
+    assert kinds == [("RawRun", 3), ("Record", 1), ("RawRun", 5), ("Record", 1)]
+    assert items[1].message == "paid with [REDACTED:credit_card]"  # type: ignore[union-attr]
+    assert items[3].context == {"password": "[REDACTED:key]"}  # type: ignore[union-attr]
+    # Runs know where they start in the file.
+    starts = [1000 + sum(len(x) + 1 for x in lines[:i]) for i in range(10)]
+    assert [i.offset for i in items] == [starts[0], starts[3], starts[4], starts[9]]
+
+
+def test_runs_split_at_a_line_boundary_and_adjacent_runs_join() -> None:
+    lines = [json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": f"line {i}"}) for i in range(10)]
+    items, _, _ = pipeline(True).process(None, chunk_of(lines), "/f.log", 0.0)
+    head, tail, taken = _split_items(items, 4)
+    assert taken == 4 and [i.count for i in head] == [4] and [i.count for i in tail] == [6]  # type: ignore[union-attr]
+    assert tail[0].offset == 1000 + sum(len(x) + 1 for x in lines[:4])
+    _, groups = _wire_items([*head, *tail])
+    assert len(groups) == 1 and groups[0].offset == 1000
+    assert groups[0].data == "".join(x + "\n" for x in lines).encode()
+    _, groups = _wire_items(list(tail))
+    assert [r.message for _, r in parse_shipped_lines(groups[0], "h")[0]] == [f"line {i}" for i in range(4, 10)]
+
+
+def test_non_json_sources_and_multiline_sources_never_ship_lines() -> None:
+    assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
+    cfg = SourceConfig(path="x", source="app", format="logfmt")
+    assert not SourcePipeline(cfg, "h", Redactor(RedactConfig()), AgentMetrics()).can_ship_lines
+    assert pipeline(True).can_ship_lines
+
+
+def _json_source(tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "json"}
+
+
+def _lines(start: int, stop: int) -> list[str]:
+    return [json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": f"line {i:04d}" + (f" {CARD}" if i % 17 == 0 else "")})
+            for i in range(start, stop)]
+
+
+def _expected(start: int, stop: int) -> list[str]:
+    return [f"line {i:04d}" + (" [REDACTED:credit_card]" if i % 17 == 0 else "") for i in range(start, stop)]
+
+
+async def test_every_line_stored_once_across_batch_boundaries(tmp_path, stub, start_agent) -> None:
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 5))
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], batch={"max_records": 7}))
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch (records: the collector is unknown)")
+    write_lines(log, _lines(5, 300))
+    await eventually(lambda: len(stub.messages()) == 300, what="every line")
+    assert sorted(stub.messages()) == _expected(0, 300)
+    assert stub.lines_posts > 0, "lines were shipped as read"
+    offsets = sorted(r.offset for r in stub.records)
+    assert len(set(offsets)) == 300 and all(r.file == str(log) and r.host for r in stub.records)
+    assert max(len(b) for b in stub.batches.values()) <= 7
+    assert running.agent.metrics.records_shipped == 300
+
+
+async def test_an_older_collector_gets_records_only(tmp_path, stub, start_agent) -> None:
+    stub.lines_feature = False
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 5))
+    await start_agent(agent_config(tmp_path, stub.url, [source]))
+    await eventually(lambda: len(stub.messages()) == 5)
+    write_lines(log, _lines(5, 100))
+    await eventually(lambda: len(stub.messages()) == 100)
+    assert sorted(stub.messages()) == _expected(0, 100) and stub.lines_posts == 0
+
+
+async def test_a_collector_that_stops_reading_lines_gets_them_again_as_records(
+        tmp_path, stub, start_agent, caplog) -> None:
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 5))
+    running = await start_agent(agent_config(tmp_path, stub.url, [source]))
+    await eventually(lambda: len(stub.messages()) == 5)
+    stub.lines_feature = False  # replaced by an older collector: lines are ignored, not counted
+    with caplog.at_level(logging.ERROR, logger="logferry.agent"):
+        write_lines(log, _lines(5, 60))
+        await eventually(lambda: len(stub.messages()) == 60, what="the ignored lines, sent again")
+        posts = stub.lines_posts
+        write_lines(log, _lines(60, 80))
+        await eventually(lambda: len(stub.messages()) == 80)
+    assert sorted(stub.messages()) == _expected(0, 80)
+    assert stub.lines_posts == posts, "no lines shipped as read after the collector stopped reading them"
+    assert any("did not read" in r.getMessage() for r in caplog.records)
+    assert not any(p.ship_lines for p in running.agent.pipelines)
+
+
+async def test_a_rejected_line_is_dead_lettered_with_its_record(tmp_path, stub, start_agent) -> None:
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 3))
+    running = await start_agent(agent_config(tmp_path, stub.url, [source]))
+    await eventually(lambda: len(stub.messages()) == 3)
+    stub.reject = lambda r: "message: refused by test" if r.message == "line 0042" else None
+    write_lines(log, _lines(3, 50))
+    await eventually(lambda: len(stub.messages()) == 49)
+    dead = tmp_path / "state" / "dead-letter.ndjson"
+    await eventually(dead.exists, what="the dead-letter file")
+    entries = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0042", "message: refused by test")]
+    assert entries[0]["record"]["offset"] == log.read_bytes().index(b'{"ts"', log.read_bytes().index(b"line 0042") - 60)
+    assert stub.lines_posts > 0 and running.agent.metrics.records_rejected == 1
+
+
+def test_read_at_is_the_timestamp_of_lines_without_one() -> None:
+    p = pipeline(True)
+    items, _, _ = p.process(None, chunk_of(['{"msg": "no time"}']), "/f.log", 0.0)
+    records, groups = _wire_items(items)
+    assert not records and len(groups) == 1
+    (_, record), = parse_shipped_lines(groups[0], "h")[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record.timestamp)
+    import datetime as dt
+    stamped = dt.datetime.fromisoformat(record.timestamp.replace("Z", "+00:00")).timestamp()
+    assert abs(stamped - groups[0].read_at) < 0.001
