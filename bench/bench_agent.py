@@ -129,7 +129,7 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, metavar="OUT",
                         help="sample the agent with py-spy (if installed) into OUT, collapsed stacks")
     parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
-    parser.add_argument("--max-records", type=int, help="batch.max_records (default: api.md's 1000)")
+    parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 5000)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     args = parser.parse_args()
     lines = 100_000 if args.quick else args.lines
@@ -181,7 +181,7 @@ def main() -> int:
         "state_dir": str(work / "state"),
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
-        "batch": {"max_wait": "100ms", "max_records": args.max_records or 1000},
+        "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {})},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
     }}))
     command = [str(BIN / "logferry-agent"), "--log-level", "WARNING", "run", "-c", str(config)]

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -393,6 +394,30 @@ def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: Retent
     return rows, rejected
 
 
+ROWS_PER_SLICE = 1000
+
+
+async def build_rows_in_slices(batch: DecodedBatch, redactor: Redactor | None,
+                               retention: RetentionPolicy) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`build_rows` a thousand records at a time, letting other requests
+    run in between: a batch of many thousand lines costs ~9 ms per thousand."""
+    if len(batch.records) <= ROWS_PER_SLICE:
+        return build_rows(batch, redactor, retention)
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    now = dt.datetime.now(dt.UTC)
+    records = batch.records
+    for start in range(0, len(records), ROWS_PER_SLICE):
+        part = msgspec.structs.replace(batch, records=records[start:start + ROWS_PER_SLICE],
+                                       errors=batch.errors if start == 0 else [])
+        more_rows, more_rejected = build_rows(part, redactor, retention, now)
+        rows.extend(more_rows)
+        rejected.extend(more_rejected)
+        await asyncio.sleep(0)
+    rejected.sort(key=lambda r: r["index"])
+    return rows, rejected
+
+
 def stored_events(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows as pipeline events: ApplicationLog field names, typed values."""
     events = []
@@ -449,7 +474,7 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
             metrics.inc("logferry_ingest_parse_errors_total", parse_errors)
     # Agents redact before shipping; everything else is redacted here.
     redactor = None if batch.redacted else app[appkeys.REDACTOR]
-    rows, rejected = build_rows(batch, redactor, app[appkeys.RETENTION])
+    rows, rejected = await build_rows_in_slices(batch, redactor, app[appkeys.RETENTION])
     try:
         stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows)
     except Overloaded:

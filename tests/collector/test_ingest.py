@@ -268,3 +268,23 @@ async def test_stored_logs_are_published_to_pipelines(ingest, app_client):
     await ingest(encode_batch(batch([rec("event one", context={"k": 1})])))
     assert [e["message"] for e in seen] == ["event one"]
     assert seen[0]["context"] == {"k": 1} and seen[0]["timestamp"].tzinfo is not None
+
+
+async def test_a_large_batch_is_built_in_slices_with_every_index_kept(ingest, storage):
+    # Past ROWS_PER_SLICE records a batch is validated a thousand at a time;
+    # rejections keep their index in the whole batch and every valid row is stored once.
+    from collector.ingest import ROWS_PER_SLICE
+
+    total = ROWS_PER_SLICE * 2 + 500
+    bad = {3, ROWS_PER_SLICE, ROWS_PER_SLICE + 1, total - 1}
+    records: list[Any] = [msgspec.to_builtins(rec(f"m {i:05d}")) for i in range(total)]
+    for i in bad:
+        records[i]["level"] = "LOUD"
+    body = msgspec.msgpack.encode({"agent_id": "a", "batch_id": str(uuid.uuid4()), "host": "h", "records": records})
+    resp = await ingest(body)
+    out = await resp.json()
+    assert resp.status == 200 and out["accepted"] == total - len(bad)
+    assert [r["index"] for r in out["rejected"]] == sorted(bad)
+    rows = await stored(storage)
+    assert [r["message"] for r in rows] == [f"m {i:05d}" for i in range(total) if i not in bad]
+    assert len({r["id"] for r in rows}) == total - len(bad)
