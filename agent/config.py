@@ -168,6 +168,9 @@ class SourceConfig(msgspec.Struct, forbid_unknown_fields=True):
         bad = sorted(set(self.fields) - known)
         if bad:
             raise ValueError(f"`fields` keys must be record fields ({', '.join(sorted(known))}), not {bad}")
+        shared = sorted({name for name in self.fields.values() if list(self.fields.values()).count(name) > 1})
+        if shared:
+            raise ValueError(f"`fields` maps several record fields to the same key: {shared}")
 
 
 class BatchConfig(msgspec.Struct, forbid_unknown_fields=True):

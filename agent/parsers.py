@@ -220,11 +220,15 @@ class LineParser:
 
     def _parse_json_lines(self, lines: Sequence[bytes], starts: Sequence[int],
                           file: str | None, body: bytes | None = None) -> list[Record]:
-        if body is not None and body[-1:] == b"\n":
-            # The same bytes as joining the lines; one join, not two concatenations (each a copy).
-            blob = b"".join((b"[", body[:-1].replace(b"\n", b","), b"]"))
-        else:
-            blob = b"".join((b"[", b",".join(lines), b"]"))
+        joined = body[:-1] if body is not None and body[-1:] == b"\n" else b"\n".join(lines)
+        # Every line one object, or the array below could read a value that
+        # spans lines (a line cut short, pretty-printed JSON) as one line's record.
+        n = len(lines) - 1
+        if joined[:1] != b"{" or joined.count(b"\n{") != n or not joined.endswith((b"}", b"}\r")) \
+                or joined.count(b"}\n") + joined.count(b"}\r\n") != n:
+            return self._parse_json_one_by_one(lines, starts, file)
+        # The same bytes as joining the lines with commas; one join, not two concatenations (each a copy).
+        blob = b"".join((b"[", joined.replace(b"\n", b","), b"]"))
         typed = self._typed
         if typed is not None:
             records = typed.parse(blob, lines, starts, file)
@@ -277,7 +281,8 @@ class LineParser:
         extras = [k for k in keys if k not in plan.values()]
         # One extra key at most: the context dict then has the key order of the line.
         if len(present) == len(keys) and len(set(plan.values())) == len(plan) and len(extras) <= 1 \
-                and "tags" not in present and "context" not in present:
+                and "tags" not in present and "context" not in present \
+                and not any(_ODD_KEY.search(k) for k in keys):
             typed = _TypedChunk(keys, plan, self)
         if len(self._typed_plans) < 256:
             self._typed_plans[keys] = typed
@@ -492,6 +497,9 @@ def _compile_builder(plan: dict[str, str], parser: LineParser) -> Callable[[dict
     return namespace["build"]  # type: ignore[no-any-return]
 
 
+# Keys msgspec cannot take as a field's name (quotes, backslashes, control
+# characters): lines with one take the general path.
+_ODD_KEY = re.compile(r'["\\\x00-\x1f]')
 _TYPED_RETRY_CHUNKS = 8  # after a chunk of mixed lines, chunks parsed the general way before learning again
 _LEVEL_LITERAL: Any = Literal[tuple(k for k in _LEVEL_NAMES if isinstance(k, str))]  # type: ignore[valid-type]
 
@@ -787,7 +795,7 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
         raise ValueError(f"lines.format: {group.format!r} is not a format shipped as lines (json)")
     if len(group.source) > 200 or not group.source:
         raise ValueError("lines.source: must be 1 to 200 characters")
-    data = group.data
+    data = group.data if type(group.data) is bytes else bytes(group.data)
     if not data:
         return [], 0, 0
     if data[-1:] != b"\n":

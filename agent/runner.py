@@ -58,7 +58,7 @@ from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
 from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
-from agent.wire import LINES_FEATURE, Batch, Lines, Record, decode_msgpack_batch, encode_batch
+from agent.wire import LINES_FEATURE, Batch, Lines, Record, decode_msgpack_batch, encode_batch, encode_batch_into
 
 log = logging.getLogger("logferry.agent")
 
@@ -301,39 +301,32 @@ def _is_uuid(text: str) -> bool:
 
 
 def _wire_items(items: list[Item]) -> tuple[list[Record], list[Lines]]:
-    """A batch's records, and its runs of lines as :class:`Lines` (runs that
-    continue each other in one file are joined)."""
+    """A batch's records, and its runs of lines as :class:`Lines`. A run that
+    continues the previous one in the same read is joined to it; the lines
+    are views of what was read, not copies."""
     records: list[Record] = []
     lines: list[Lines] = []
-    pieces: list[bytes] = []
     last: RawRun | None = None
-    next_offset = -1
+    hi = 0
 
-    def close() -> None:
-        assert last is not None
-        p = last.pipeline
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        lines.append(Lines(p.cfg.source, data, last.read_at, p.cfg.format, last.file, first_offset, p.tags,
-                           p.fields))
+    def close(run: RawRun, hi: int) -> None:
+        p = run.pipeline
+        whole = run.lo == 0 and hi == len(run.data)
+        data: Any = run.data if whole else memoryview(run.data)[run.lo:hi]
+        lines.append(Lines(p.cfg.source, data, run.read_at, p.cfg.format, run.file, run.offset, p.tags, p.fields))
 
-    first_offset = 0
     for item in items:
         if type(item) is not RawRun:
             records.append(item)  # type: ignore[arg-type]
             continue
-        piece = item.data if item.lo == 0 and item.hi == len(item.data) else item.data[item.lo:item.hi]
-        if last is not None and item.offset == next_offset and item.file == last.file \
-                and item.pipeline is last.pipeline:
-            pieces.append(piece)
-        else:
-            if last is not None:
-                close()
-            pieces = [piece]
-            first_offset = item.offset
-            last = item
-        next_offset = item.offset + (item.hi - item.lo)
+        if last is not None and item.data is last.data and item.lo == hi and item.pipeline is last.pipeline:
+            hi = item.hi
+            continue
+        if last is not None:
+            close(last, hi)
+        last, hi = item, item.hi
     if last is not None:
-        close()
+        close(last, hi)
     return records, lines
 
 
@@ -367,6 +360,7 @@ class Agent:
         self._spool_writing = False
         self._commit_lock = threading.Lock()
         self._compress: Any = None
+        self._encode_buffer = bytearray()
         self.content_encoding = "identity"
         self.exit_code = 0
         # Whether the collector said it parses lines shipped as read: until it
@@ -399,7 +393,7 @@ class Agent:
             self._compress = lambda data: gzip.compress(data, compresslevel=1)
             self.content_encoding = "gzip"
         else:
-            self._compress = lambda data: data
+            self._compress = bytes
             self.content_encoding = "identity"
 
     def _restore(self) -> None:
@@ -654,8 +648,10 @@ class Agent:
         batch_id = str(uuid.uuid4())
         records, lines = _wire_items(batch.items)
         shipped_lines = batch.count - len(records) if lines else 0
-        body = self._compress(encode_batch(Batch(self.state.agent_id, batch_id, self.host, records,
-                                                 lines=lines)))
+        buffer = self._encode_buffer
+        encode_batch_into(Batch(self.state.agent_id, batch_id, self.host, records, lines=lines), buffer)
+        with memoryview(buffer) as view:
+            body = self._compress(view)
         spooled = SpooledBatch(self.spool.next_seq(), batch_id, batch.count, batch.raw_bytes,
                                [FileRange(fid, end) for fid, end in batch.ranges.items()], time.time(),
                                self.content_encoding, body, shipped_lines)

@@ -339,9 +339,13 @@ def add_shipped_lines(batch: DecodedBatch) -> tuple[int, int]:
     for group in batch.lines:
         try:
             numbered, count, errors = parse_shipped_lines(group, batch.host)
-        except ValueError as exc:
+        except Exception as exc:  # invalid settings (ValueError), or a parser bug: reject, never a 500
+            if not isinstance(exc, ValueError):
+                log.error("cannot parse shipped lines", extra={"error": f"{type(exc).__name__}: {exc}"[:300],
+                                                               "source": group.source[:200]})
+            reason = str(exc) if isinstance(exc, ValueError) else f"lines: cannot be parsed ({type(exc).__name__})"
             count = group.data.count(b"\n") + (1 if group.data[-1:] not in (b"\n", b"") else 0)
-            batch.errors.extend((index + i, str(exc)) for i in range(count))
+            batch.errors.extend((index + i, reason) for i in range(count))
         else:
             batch.records.extend((index + i, record) for i, record in numbered)
             parse_errors += errors

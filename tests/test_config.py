@@ -67,3 +67,14 @@ def test_serve_prints_every_config_error_and_exits_2(tmp_path: Path) -> None:
     assert "collector.storage: dsn must start with" in out.stderr
     assert "collector.bogus: unknown key" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_fields_mapping_may_not_send_two_record_fields_to_one_key(tmp_path: Path) -> None:
+    from agent.config import load_agent_config
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent:\n  sources:\n    - path: /var/log/app.log\n      source: app\n      format: json\n"
+                    "      fields: {message: level, level: level}\n")
+    with pytest.raises(ConfigInvalid) as info:
+        load_agent_config(str(path))
+    assert "agent.sources[0]: `fields` maps several record fields to the same key: ['level']" in str(info.value)
