@@ -366,6 +366,7 @@ class Agent:
         # Whether the collector said it parses lines shipped as read: until it
         # does, every line goes as a record.
         self._lines_known = False
+        self._answered = False
 
     # --- setup -----------------------------------------------------------------
 
@@ -530,7 +531,9 @@ class Agent:
             and now - tracked.last_growth >= self.cfg.release_after
 
     def _has_room(self) -> bool:
-        if self._unacked < self.cfg.collector.max_in_flight:
+        # One batch at a time until the collector first answers: whether it
+        # parses lines shipped as read decides how the rest is shipped.
+        if self._unacked < (self.cfg.collector.max_in_flight if self._answered else 1):
             return True
         return bool(self.cfg.spool.max_bytes) and self.spool.used_bytes < self.cfg.spool.max_bytes
 
@@ -838,6 +841,7 @@ class Agent:
         self._lines_known = able
 
     def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery) -> None:
+        self._answered = True
         if delivery.stored:
             answer = delivery.response
             if not self._lines_known and answer is not None and LINES_FEATURE in answer.features:

@@ -205,3 +205,25 @@ def test_read_at_is_the_timestamp_of_lines_without_one() -> None:
     import datetime as dt
     stamped = dt.datetime.fromisoformat(record.timestamp.replace("Z", "+00:00")).timestamp()
     assert abs(stamped - groups[0].read_at) < 0.001
+
+
+async def test_one_batch_in_flight_until_the_collector_first_answers(tmp_path, stub, start_agent) -> None:
+    # The first answer says whether lines can go as read; until then the agent
+    # does not fill every in-flight slot with batches of records.
+    import asyncio
+
+    stub.delay = 0.5
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 100))
+    await start_agent(agent_config(tmp_path, stub.url, [source], batch={"max_records": 5},
+                                   collector={"max_in_flight": 4}))
+    await eventually(lambda: stub.posts >= 1, what="the first post")
+    await asyncio.sleep(0.3)
+    assert stub.posts == 1, "a second batch was sent before the first answer"
+    await eventually(lambda: stub.posts >= 3, what="more posts once answered")
+    stub.delay = 0.0
+    await eventually(lambda: len(stub.messages()) == 100)
+    write_lines(log, _lines(100, 120))  # read after the answer: shipped as read
+    await eventually(lambda: len(stub.messages()) == 120)
+    assert sorted(stub.messages()) == _expected(0, 120) and stub.lines_posts > 0
