@@ -412,7 +412,9 @@ class SearchWindows:
 
     EDGES = (dt.timedelta(hours=1), dt.timedelta(days=1))
 
-    def __init__(self, query: LogQuery):
+    def __init__(self, query: LogQuery, edges: tuple[dt.timedelta, ...] | None = None):
+        # ``edges``: EDGES less those a search's words are known to be too rare to fill.
+        self.edges = self.EDGES if edges is None else edges
         self.order = query.order
         self.start, self.end = query.start, query.end
         if query.after is not None:
@@ -428,7 +430,7 @@ class SearchWindows:
         total = self.end - self.start
         if self.covered >= total or found >= wanted:
             return None
-        target = next((edge for edge in self.EDGES if edge > self.covered), total)
+        target = next((edge for edge in self.edges if edge > self.covered), total)
         if target >= total * 0.8:
             target = total
         span = target - self.covered

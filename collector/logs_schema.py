@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from collector.schema import Migration
 
+# Records each stored batch (migration 16), recreated with the table (17).
+_BATCHES_VIEW = """CREATE MATERIALIZED VIEW IF NOT EXISTS ingest_batches_from_logs TO ingest_batches AS
+SELECT batch_id, any(agent_id) AS agent_id, now64(3, 'UTC') AS received_at,
+       toUInt32(count()) AS accepted
+FROM application_logs WHERE batch_id != '' GROUP BY batch_id"""
+
 MIGRATIONS = [
     Migration(10, "token usage counters, summed across collectors", (
         # Each collector appends its usage deltas (one row per token per flush);
@@ -74,9 +80,42 @@ MIGRATIONS = [
         # stopped between the two inserts forgot the batch, and the agent's
         # resend stored its logs twice. Recorded by this view, the batch id
         # goes in with the logs' own INSERT (and ingest makes one insert, not two).
-        """CREATE MATERIALIZED VIEW IF NOT EXISTS ingest_batches_from_logs TO ingest_batches AS
-        SELECT batch_id, any(agent_id) AS agent_id, now64(3, 'UTC') AS received_at,
-               toUInt32(count()) AS accepted
-        FROM application_logs WHERE batch_id != '' GROUP BY batch_id""",
+        _BATCHES_VIEW,
+    )),
+    Migration(17, "logs in granules of 1024 rows and small compressed blocks: rows fetched by search cost 6x less", (
+        # A search's page of 100 rows scattered over ~100 granules read a whole
+        # 8192-row granule of every column per row (124 MB decompressed for the
+        # bench's rare word, 10M logs). With 1024-row granules and compressed
+        # blocks of 4-64 KiB a row costs ~1/6 of that (22 MB): p50 ~98 -> ~40 ms.
+        # Storage +2.5%; the per-minute projection keeps 8192-row granules (its
+        # histograms would otherwise analyse 8x the marks), and the bloom
+        # filters keep 16384 rows a block. index_granularity cannot be ALTERed,
+        # so the table is rebuilt: copy, swap, drop. The view that records
+        # ingested batches follows the table. Run once, with no other collector
+        # writing to the same ClickHouse server (rows they write during the
+        # copy would stay in the old table); a run interrupted is run again.
+        "DROP TABLE IF EXISTS application_logs_rebuild SYNC",
+        """CREATE TABLE application_logs_rebuild AS application_logs
+        ENGINE = MergeTree
+        PARTITION BY toYYYYMMDD(timestamp)
+        ORDER BY (toStartOfHour(timestamp), source, level, timestamp)
+        TTL toDateTime(timestamp) + toIntervalDay(retention_days)
+        SETTINGS index_granularity = 1024, min_compress_block_size = 4096, max_compress_block_size = 65536,
+                 lightweight_mutation_projection_mode = 'rebuild'""",
+        "ALTER TABLE application_logs_rebuild DROP PROJECTION IF EXISTS p_minute_counts",
+        """ALTER TABLE application_logs_rebuild ADD PROJECTION p_minute_counts (
+            SELECT toStartOfMinute(timestamp), source, level, count()
+            GROUP BY toStartOfMinute(timestamp), source, level
+        ) WITH SETTINGS (index_granularity = 8192)""",
+        *(f"ALTER TABLE application_logs_rebuild DROP INDEX IF EXISTS {name}"
+          for name in ("idx_user", "idx_session", "idx_request")),
+        *(f"ALTER TABLE application_logs_rebuild ADD INDEX {name} {column} TYPE bloom_filter(0.01) GRANULARITY 16"
+          for name, column in (("idx_user", "user_id"), ("idx_session", "session_id"),
+                               ("idx_request", "request_id"))),
+        "INSERT INTO application_logs_rebuild SELECT * FROM application_logs",
+        "DROP VIEW IF EXISTS ingest_batches_from_logs SYNC",
+        "EXCHANGE TABLES application_logs AND application_logs_rebuild",
+        "DROP TABLE application_logs_rebuild SYNC",
+        _BATCHES_VIEW,
     )),
 ]

@@ -348,3 +348,51 @@ async def test_tail_matching_in_python_agrees_with_the_sql(storage, add_logs):
                 in_sql = {str(r["id"]) for r in storage.query_sync(
                     f"SELECT id FROM application_logs WHERE {b.sql()}", b.params)}
             assert in_python == in_sql, (fields, scope)
+
+
+async def test_rare_words_are_searched_in_one_window_and_common_ones_from_the_last_hour(
+        app_client, admin_token, tokens, add_logs, storage):
+    """The words' density (from the text index alone) drops the narrow windows
+    a rare word could not fill; a common word still starts with the last hour.
+    Either way the page is the same as a search through every window."""
+    from collector import appkeys
+    from collector.logquery import LogQuery, SearchWindows
+
+    # ~12 heartbeats an hour for 7 days; 3 deadlocks.
+    add_logs(*({"message": f"routine heartbeat {i}", "timestamp": ago(minutes=4.8 * i + 0.5)} for i in range(2100)))
+    add_logs(*({"message": "deadlock detected", "timestamp": ago(hours=h)} for h in (1.5, 30, 100)))
+    density = app_client.server.app[appkeys.WORD_DENSITY]
+    start, end = ago(days=7), NOW + dt.timedelta(seconds=1)
+    rare = LogQuery(start=start, end=end, words=["deadlock"])
+    common = LogQuery(start=start, end=end, words=["heartbeat"])
+    assert await density.edges(storage, rare, 11, {}) == ()
+    assert await density.edges(storage, common, 11, {}) == SearchWindows.EDGES
+    assert await density.edges(storage, common, 101, {}) == (dt.timedelta(days=1),)  # 1 h holds ~12, not 101
+    assert await density.edges(storage, LogQuery(start=start, end=end, phrases=["routine heartbeat"]), 11,
+                               {}) == SearchWindows.EDGES
+
+    # One query for the rare word's whole range, three windows for the common one's page.
+    queries: list[str] = []
+    client = storage.client
+    original = client.raw_query
+
+    def counting(sql, *args, **kwargs):
+        queries.append(sql)
+        return original(sql, *args, **kwargs)
+
+    client.raw_query = counting
+    try:
+        _, body = await get(app_client, admin_token, tokens, q="deadlock", start="-7d", limit=10)
+        assert [log["message"] for log in body["logs"]] == ["deadlock detected"] * 3
+        page_queries = [q for q in queries if "hasAllTokens(message" in q and "count()" not in q]
+        assert len(page_queries) == 1
+        queries.clear()
+        _, body = await get(app_client, admin_token, tokens, q="heartbeat", start="-7d", limit=10)
+        assert [log["message"] for log in body["logs"]] == [f"routine heartbeat {i}" for i in range(10)]
+        page_queries = [q for q in queries if "hasAllTokens(message" in q and "count()" not in q]
+        assert len(page_queries) == 1, "the last hour filled the page"
+        queries.clear()
+        _, body = await get(app_client, admin_token, tokens, q="deadlock", start="-7d", limit=10)
+        assert not [q for q in queries if "count()" in q], "the density was known: no second probe"
+    finally:
+        client.raw_query = original

@@ -81,3 +81,50 @@ def test_mutable_entities_keep_the_newest_version(storage: Storage) -> None:
     storage.insert_rows_sync("notification_preferences", [{**base, "enabled": True, "version": 2}])
     rows = storage.query_sync("SELECT enabled FROM notification_preferences FINAL WHERE user_id = 'u1'")
     assert rows == [{"enabled": False}]
+
+
+def test_the_granularity_rebuild_keeps_every_log_and_the_batch_view(chdb_dsn: str) -> None:
+    """Migration 17 rebuilds application_logs (index_granularity cannot be
+    altered): stored logs survive it exactly once, a run interrupted after the
+    swap is run again harmlessly, and ingested batches are still recorded."""
+    import uuid
+
+    from collector.logs_schema import MIGRATIONS as LOG_MIGRATIONS
+    from tests.collector.conftest import log_row
+
+    db = Storage(chdb_dsn, "t_rebuild_upgrade")
+    try:
+        migrate(db, [m for m in all_migrations() if m.version < 17])
+        now = dt.datetime.now(dt.UTC)
+        rows = [log_row(timestamp=now - dt.timedelta(minutes=i), message=f"log {i}", user_id=f"u{i % 7}",
+                        tags=["a", "B"], batch_id="b-old", retention_days=90) for i in range(3000)]
+        db.insert_rows_sync("application_logs", rows)
+        columns = "toString(id) AS id, message, user_id, tags, batch_id, retention_days"
+        before = db.query_sync(f"SELECT {columns} FROM application_logs ORDER BY id")
+        assert [m.version for m in migrate(db)] == [m.version for m in all_migrations() if m.version >= 17]
+        after = db.query_sync(f"SELECT {columns} FROM application_logs ORDER BY id")
+        assert after == before and len(after) == 3000
+
+        [ddl] = db.query_sync("SHOW CREATE TABLE application_logs")
+        text = ddl["statement"]
+        assert "index_granularity = 1024" in text and "max_compress_block_size = 65536" in text
+        assert "WITH SETTINGS (index_granularity = 8192)" in text  # the per-minute projection
+        assert text.count("bloom_filter(0.01) GRANULARITY 16") == 3
+        assert "idx_message" in text and "preprocessor = lower(tags)" in text
+        assert {r["name"] for r in db.query_sync("SHOW TABLES")}.isdisjoint({"application_logs_rebuild"})
+
+        # Interrupted after the swap: the whole migration runs again, nothing doubles.
+        [seventeen] = [m for m in LOG_MIGRATIONS if m.version == 17]
+        for statement in seventeen.statements:
+            db.command_sync(statement)
+        assert db.query_sync(f"SELECT {columns} FROM application_logs ORDER BY id") == before
+
+        # The view still records batches from the logs' own insert.
+        batch_id = str(uuid.uuid4())
+        db.insert_rows_sync("application_logs", [log_row(batch_id=batch_id, agent_id="ag") for _ in range(3)])
+        [recorded] = db.query_sync("SELECT agent_id, sum(accepted) AS n FROM ingest_batches "
+                                   "WHERE batch_id = {b:String} GROUP BY agent_id", {"b": batch_id})
+        assert recorded == {"agent_id": "ag", "n": 3}
+    finally:
+        db.command_sync("DROP DATABASE IF EXISTS t_rebuild_upgrade")
+        db.close()
