@@ -997,10 +997,13 @@ class Agent:
         if cfg.state_dir != self.cfg.state_dir:
             log.warning("state_dir cannot change on reload; restart the agent for that")
             cfg = msgspec.structs.replace(cfg, state_dir=self.cfg.state_dir)
+        if cfg.collector.url != self.cfg.collector.url:
+            self._lines_known = False  # another collector: ask again
         self.cfg = cfg
         self.redactor = Redactor.from_config(cfg.redact)
         self.metrics.redactions = lambda: dict(self.redactor.counts)
         self.pipelines = [SourcePipeline(s, self.host, self.redactor, self.metrics) for s in cfg.sources]
+        self._collector_lines(self._lines_known)
         self.tailer.update_sources(cfg.sources)
         self.tailer.max_open = cfg.max_open_files
         shipper.update(cfg.collector)

@@ -227,3 +227,26 @@ async def test_one_batch_in_flight_until_the_collector_first_answers(tmp_path, s
     write_lines(log, _lines(100, 120))  # read after the answer: shipped as read
     await eventually(lambda: len(stub.messages()) == 120)
     assert sorted(stub.messages()) == _expected(0, 120) and stub.lines_posts > 0
+
+
+async def test_lines_still_go_as_read_after_a_sighup_reload(tmp_path, stub, start_agent) -> None:
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, _lines(0, 5))
+    cfg = agent_config(tmp_path, stub.url, [source])
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text(json.dumps({"agent": {
+        "collector": {"url": stub.url, "token": "test-token"}, "state_dir": str(tmp_path / "state"),
+        "sources": [source], "poll_interval": "20ms", "batch": {"max_wait": "30ms"}}}))
+    running = await start_agent(cfg)
+    running.agent.config_path = str(config_file)
+    await eventually(lambda: len(stub.messages()) == 5)
+    write_lines(log, _lines(5, 20))
+    await eventually(lambda: len(stub.messages()) == 20)
+    posts = stub.lines_posts
+    assert posts > 0
+    running.agent.request_reload()
+    await eventually(lambda: all(p.ship_lines for p in running.agent.pipelines), what="the reloaded pipelines")
+    write_lines(log, _lines(20, 40))
+    await eventually(lambda: len(stub.messages()) == 40)
+    assert stub.lines_posts > posts and sorted(stub.messages()) == _expected(0, 40)
