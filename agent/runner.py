@@ -126,7 +126,8 @@ class SourcePipeline:
         """Records (or runs of lines) of a chunk, the number of lines they
         hold, and the offset up to which they cover the file (less than
         ``chunk.end`` while a multiline entry is pending)."""
-        if self.ship_lines and file is not None and not chunk.truncated and chunk.end > chunk.base:
+        if self.ship_lines and file is not None and not chunk.truncated and chunk.end > chunk.base \
+                and chunk.data[chunk.end - chunk.base - 1] == 0x0A:  # not a last line without its newline
             return self._runs(chunk, file)
         self.metrics.lines_read += len(chunk.lines)
         self.metrics.bytes_read += chunk.end - chunk.base

@@ -250,3 +250,13 @@ async def test_lines_still_go_as_read_after_a_sighup_reload(tmp_path, stub, star
     write_lines(log, _lines(20, 40))
     await eventually(lambda: len(stub.messages()) == 40)
     assert stub.lines_posts > posts and sorted(stub.messages()) == _expected(0, 40)
+
+
+def test_a_last_line_without_newline_goes_as_a_record() -> None:
+    # A finished file's last line (read_partial): no newline to end a run on.
+    line = json.dumps({"ts": "2026-12-01T00:00:00Z", "msg": f"last words {CARD}"}).encode()
+    chunk = Chunk(line, [line], [500], 500 + len(line))
+    items, count, end = pipeline(True).process(None, chunk, "/f.log", 0.0)
+    assert count == 1 and end == 500 + len(line) and len(items) == 1
+    assert isinstance(items[0], Record) and items[0].message == "last words [REDACTED:credit_card]"
+    assert items[0].offset == 500
