@@ -427,13 +427,33 @@ class Agent:
     # --- files -------------------------------------------------------------------
 
     def _file_lag(self) -> list[tuple[str, str, int]]:
+        """(source, path, bytes not yet acknowledged) of every file being read
+        or waiting for a descriptor (``max_open_files``)."""
         out = []
+        sources = self.cfg.sources
+
+        def name(index: int) -> str:
+            return sources[index].source if index < len(sources) else ""
+
         for tracked in self.tailer.files.values():
             if tracked.closed or tracked.parked:
                 continue
-            source = self.cfg.sources[tracked.source_index].source \
-                if tracked.source_index < len(self.cfg.sources) else ""
-            out.append((source, tracked.path, max(0, tracked.size - tracked.acked)))
+            out.append((name(tracked.source_index), tracked.path, max(0, tracked.size - tracked.acked)))
+        saved = {(e.dev, e.ino): e.offset for e in self.tailer.saved.values()}
+        for key, item in list(self.tailer.waiting.items()):
+            try:
+                st = os.stat(item.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != key:
+                continue  # renamed meanwhile: its size is not known until it is opened
+            if item.tracked is not None:
+                done = item.tracked.acked
+            elif item.start_end is not None:
+                done = item.start_end
+            else:
+                done = saved.get(key, 0)
+            out.append((name(item.source_index), item.path, max(0, st.st_size - done)))
         return out
 
     def _adopt(self, tracked: TrackedFile) -> None:

@@ -291,3 +291,27 @@ def test_kill_9_with_the_cap_in_force_loses_and_duplicates_nothing(
     assert agent.signal(signal.SIGTERM) == 0
     assert sorted(stub.messages()) == sorted(expected)
     assert "unread lines lost" not in agent.output()
+
+
+async def test_files_waiting_for_a_descriptor_count_in_the_lag_metric(tmp_path, stub, start_agent) -> None:
+    from tests.agent.ingest_stub import json_answer
+
+    stub.responder = lambda n: json_answer(503, {"error": {"code": "busy", "message": "later"}})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sizes = {}
+    for i in range(6):
+        path = logs / f"f{i}.log"
+        write_lines(path, [f"file {i} line {j}" for j in range(10 + i)])
+        sizes[str(path)] = path.stat().st_size
+    running = await start_agent(agent_config(tmp_path, stub.url, [src(tmp_path)], max_open_files=2))
+    def waiting() -> int:
+        tailer = getattr(running.agent, "tailer", None)  # set once the agent runs
+        return len(tailer.waiting) if tailer is not None else 0
+
+    await eventually(lambda: waiting() >= 3, what="files waiting for a descriptor")
+    lag = {path: behind for _, path, behind in running.agent.metrics.file_lag()}
+    assert lag == sizes, "every file, open or waiting, lags by its unacknowledged bytes"
+    text = running.agent.metrics.prometheus()
+    assert f'logferry_agent_file_lag_bytes{{source="app",path="{logs / "f5.log"}"}} {sizes[str(logs / "f5.log")]}' \
+        in text
