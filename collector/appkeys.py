@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collector.email.service import EmailService
     from collector.erasure import UserEraser
     from collector.ingest import LogWriter, RetentionPolicy
-    from collector.logs_api import WordDensity
+    from collector.logs_api import WindowMemory
     from collector.metrics import Metrics
     from collector.notifications.service import NotificationService
     from collector.notifications.users import UsersDirectory
@@ -47,4 +47,4 @@ USERS: web.AppKey[UsersDirectory] = web.AppKey("users")
 CONTACT: web.AppKey[ContactService] = web.AppKey("contact")
 TAIL_HUB: web.AppKey[TailHub] = web.AppKey("tail_hub")
 ERASER: web.AppKey[UserEraser] = web.AppKey("eraser")
-WORD_DENSITY: web.AppKey[WordDensity] = web.AppKey("word_density")
+WINDOW_MEMORY: web.AppKey[WindowMemory] = web.AppKey("window_memory")

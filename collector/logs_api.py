@@ -25,12 +25,10 @@ from collector.logquery import (
     QueryError,
     SearchWindows,
     apply_scope,
-    ch_time,
     cursor_from_line,
     encode_cursor,
     parse_query,
     select_json_sql,
-    tokens_of,
 )
 from collector.storage import Storage
 
@@ -88,73 +86,67 @@ async def json_lines(storage: Storage, sql: str, params: dict[str, Any], setting
     return raw.split(b"\n")[:-1] if raw else []
 
 
-# How many logs in a time range hold every search word: answered by the
-# message's text index and the primary key (no message is read; ~5 ms on 10M logs).
-DENSITY_SQL = (
-    "SELECT count() FROM application_logs WHERE toStartOfHour(timestamp) >= {start:DateTime64(3)} "
-    "AND toStartOfHour(timestamp) < {end:DateTime64(3)} AND hasAllTokens(message, {words:Array(String)})"
-)
-DENSITY_TTL = 60.0
+WINDOW_MEMORY_TTL = 60.0
 
 
-class WordDensity:
-    """Matches per millisecond of a search's words over its range, so a search
-    for rare words skips the narrow first windows it could not fill: each
-    window is a query of its own (~12-17 ms of fixed cost on 10M logs), and
-    the bench's rare word (~1 in 10,000) paid for the last hour to find 5 of
-    101 rows. Densities move slowly: a search repeated or paged within
-    DENSITY_TTL (same words, a range of about the same length) reuses the count."""
+class WindowMemory:
+    """Which search windows a query shape could not fill lately, so that a
+    search repeated or paged within WINDOW_MEMORY_TTL starts with the first
+    window that can: each window is a query of its own (~12-17 ms of fixed
+    cost on 10M logs), and the bench's rare word (~1 in 10,000) paid for the
+    last hour to find 5 of 101 rows every time. Learnt from the searches
+    themselves, so it costs no query; a shape is everything that decides
+    which logs match (filters, words, the token's scope), not the time range."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[tuple[str, ...], int], tuple[float, float]] = {}
+        self._unfilled: dict[bytes, tuple[float, frozenset[dt.timedelta]]] = {}
 
-    async def edges(self, storage: Storage, query: LogQuery, wanted: int,
-                    settings: dict[str, Any]) -> tuple[dt.timedelta, ...]:
-        """SearchWindows.EDGES less the edges too narrow to hold ``wanted``
-        matches of the words at their average density in the range. Other
-        filters only make matches rarer, so a window is never wider than the
-        words justify."""
-        words = tuple(sorted({*query.words, *(t for p in query.phrases for t in tokens_of(p))}))
-        if not words:
-            return SearchWindows.EDGES
-        # Whole hours: the primary key then selects whole granules.
-        start = query.start.replace(minute=0, second=0, microsecond=0)
-        end = query.end.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
-        key = (words, round((end - start).total_seconds() / 3600))
-        now = time.monotonic()
-        known = self._known.get(key)
-        if known is not None and known[0] > now:
-            per_ms = known[1]
-        else:
-            params = {"words": list(words), "start": ch_time(start), "end": ch_time(end)}
-            [line] = await json_lines(storage, DENSITY_SQL, params, settings)
-            per_ms = int(line) / ((end - start).total_seconds() * 1000)
-            if len(self._known) >= 10_000:
-                self._known.clear()
-            self._known[key] = (now + DENSITY_TTL, per_ms)
-        return tuple(e for e in SearchWindows.EDGES if per_ms * e.total_seconds() * 1000 >= wanted)
+    @staticmethod
+    def shape(query: LogQuery, scope: TokenScope | None, wanted: int) -> bytes:
+        fields = msgspec.structs.asdict(query)
+        for name in ("start", "end", "limit", "after"):
+            fields.pop(name, None)
+        return msgspec.json.encode([fields, scope, wanted, round((query.end - query.start).total_seconds())])
+
+    def edges(self, shape: bytes) -> tuple[dt.timedelta, ...] | None:
+        """SearchWindows.EDGES less those recently too narrow; None: nothing known."""
+        known = self._unfilled.get(shape)
+        if known is None or known[0] < time.monotonic():
+            return None
+        return tuple(e for e in SearchWindows.EDGES if e not in known[1])
+
+    def learn(self, shape: bytes, unfilled: frozenset[dt.timedelta]) -> None:
+        if len(self._unfilled) >= 10_000:
+            self._unfilled.clear()
+        self._unfilled[shape] = (time.monotonic() + WINDOW_MEMORY_TTL, unfilled)
 
 
 async def fetch_page(app: web.Application, query: LogQuery, scope: TokenScope | None, limit: int) -> list[bytes]:
     """Up to ``limit`` rendered logs in page order, searching from the leading edge
-    of the range in growing windows (see :class:`SearchWindows`)."""
+    of the range in growing windows (see :class:`SearchWindows`), skipping the
+    windows this query's shape could not fill a moment ago (:class:`WindowMemory`)."""
     storage = app[appkeys.STORAGE]
     settings = query_settings(app)
     timeout = app[appkeys.CONFIG].query.query_timeout
-    edges = None
-    if query.words or query.phrases:
-        try:
-            edges = await app[appkeys.WORD_DENSITY].edges(storage, query, limit, settings)
-        except Exception as exc:
-            raise storage_error(exc, timeout) from None
-    windows = SearchWindows(query, edges)
+    memory = app[appkeys.WINDOW_MEMORY]
+    shape = memory.shape(query, scope, limit) if query.after is None else None
+    windows = SearchWindows(query, memory.edges(shape) if shape is not None else None)
     lines: list[bytes] = []
+    unfilled: set[dt.timedelta] = set()
     while (window := windows.next(len(lines), limit)) is not None:
         sql, params = select_json_sql(query, scope, limit=limit - len(lines), start=window[0], end=window[1])
         try:
             lines.extend(await json_lines(storage, sql, params, settings))
         except Exception as exc:
             raise storage_error(exc, timeout) from None
+        if len(lines) < limit:
+            unfilled.update(e for e in windows.edges if e <= windows.covered)
+    if shape is not None and unfilled:
+        # Kept for WINDOW_MEMORY_TTL from now, with the windows skipped on the
+        # way; a search that fills its page learns nothing new and does not
+        # extend it, so a shape's windows are checked again a minute later.
+        skipped = {e for e in SearchWindows.EDGES if e not in windows.edges}
+        memory.learn(shape, frozenset(unfilled | skipped))
     return lines
 
 
@@ -233,6 +225,6 @@ async def _token_timing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
-    app[appkeys.WORD_DENSITY] = WordDensity()
+    app[appkeys.WINDOW_MEMORY] = WindowMemory()
     app.cleanup_ctx.append(_token_timing_ctx)
     app.router.add_get("/v1/logs", get_logs)

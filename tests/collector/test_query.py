@@ -350,28 +350,16 @@ async def test_tail_matching_in_python_agrees_with_the_sql(storage, add_logs):
             assert in_python == in_sql, (fields, scope)
 
 
-async def test_rare_words_are_searched_in_one_window_and_common_ones_from_the_last_hour(
+async def test_a_repeated_sparse_search_skips_the_windows_it_could_not_fill(
         app_client, admin_token, tokens, add_logs, storage):
-    """The words' density (from the text index alone) drops the narrow windows
-    a rare word could not fill; a common word still starts with the last hour.
-    Either way the page is the same as a search through every window."""
+    """A search whose first windows did not fill its page starts, when repeated
+    within a minute, with the first window that did; a dense search keeps
+    starting with the last hour. Every page is the one the windows give."""
     from collector import appkeys
-    from collector.logquery import LogQuery, SearchWindows
 
     # ~12 heartbeats an hour for 7 days; 3 deadlocks.
     add_logs(*({"message": f"routine heartbeat {i}", "timestamp": ago(minutes=4.8 * i + 0.5)} for i in range(2100)))
     add_logs(*({"message": "deadlock detected", "timestamp": ago(hours=h)} for h in (1.5, 30, 100)))
-    density = app_client.server.app[appkeys.WORD_DENSITY]
-    start, end = ago(days=7), NOW + dt.timedelta(seconds=1)
-    rare = LogQuery(start=start, end=end, words=["deadlock"])
-    common = LogQuery(start=start, end=end, words=["heartbeat"])
-    assert await density.edges(storage, rare, 11, {}) == ()
-    assert await density.edges(storage, common, 11, {}) == SearchWindows.EDGES
-    assert await density.edges(storage, common, 101, {}) == (dt.timedelta(days=1),)  # 1 h holds ~12, not 101
-    assert await density.edges(storage, LogQuery(start=start, end=end, phrases=["routine heartbeat"]), 11,
-                               {}) == SearchWindows.EDGES
-
-    # One query for the rare word's whole range, three windows for the common one's page.
     queries: list[str] = []
     client = storage.client
     original = client.raw_query
@@ -380,19 +368,25 @@ async def test_rare_words_are_searched_in_one_window_and_common_ones_from_the_la
         queries.append(sql)
         return original(sql, *args, **kwargs)
 
+    async def search(**params) -> tuple[list[str], int]:
+        queries.clear()
+        _, body = await get(app_client, admin_token, tokens, start="-7d", **params)
+        return [log["message"] for log in body["logs"]], len([q for q in queries if "FROM application_logs" in q])
+
     client.raw_query = counting
     try:
-        _, body = await get(app_client, admin_token, tokens, q="deadlock", start="-7d", limit=10)
-        assert [log["message"] for log in body["logs"]] == ["deadlock detected"] * 3
-        page_queries = [q for q in queries if "hasAllTokens(message" in q and "count()" not in q]
-        assert len(page_queries) == 1
-        queries.clear()
-        _, body = await get(app_client, admin_token, tokens, q="heartbeat", start="-7d", limit=10)
-        assert [log["message"] for log in body["logs"]] == [f"routine heartbeat {i}" for i in range(10)]
-        page_queries = [q for q in queries if "hasAllTokens(message" in q and "count()" not in q]
-        assert len(page_queries) == 1, "the last hour filled the page"
-        queries.clear()
-        _, body = await get(app_client, admin_token, tokens, q="deadlock", start="-7d", limit=10)
-        assert not [q for q in queries if "count()" in q], "the density was known: no second probe"
+        assert await search(q="deadlock", limit=10) == (["deadlock detected"] * 3, 3)  # 1 h, 1 d, the rest
+        assert await search(q="deadlock", limit=10) == (["deadlock detected"] * 3, 1)  # the whole range at once
+        assert await search(q="deadlock", limit=2) == (["deadlock detected"] * 2, 3)  # another shape: learns anew
+        assert await search(q="deadlock", limit=2) == (["deadlock detected"] * 2, 1)
+        page = [f"routine heartbeat {i}" for i in range(10)]
+        assert await search(q="heartbeat", limit=10) == (page, 1)
+        assert await search(q="heartbeat", limit=10) == (page, 1)
+        assert await search(q="heartbeat", limit=100) == ([f"routine heartbeat {i}" for i in range(100)], 2)
+        assert await search(q="heartbeat", limit=100) == ([f"routine heartbeat {i}" for i in range(100)], 1)
+        # Forgotten after WINDOW_MEMORY_TTL: the windows are tried again.
+        memory = app_client.server.app[appkeys.WINDOW_MEMORY]
+        memory._unfilled = {k: (0.0, v) for k, (_, v) in memory._unfilled.items()}
+        assert await search(q="deadlock", limit=10) == (["deadlock detected"] * 3, 3)
     finally:
         client.raw_query = original
