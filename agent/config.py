@@ -248,12 +248,19 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A file read and acknowledged to its end that has not grown for this long
     # has its descriptor closed; it is reopened (same identity and offset) when it grows.
     close_inactive: Duration = Duration(300.0)
+    # While files wait for a slot, an open file that had its slot this long
+    # stops reading, and once what it read is acknowledged gives the slot to
+    # the longest-waiting file (it queues again if it grew): busy files cannot
+    # starve the rest.
+    file_turn: Duration = Duration(10.0)
 
     def __post_init__(self) -> None:
         if self.read_chunk < 4096:
             raise ValueError("`read_chunk` must be at least 4KiB")
         if self.close_inactive <= 0:
             raise ValueError("`close_inactive` must be more than 0")
+        if self.file_turn <= 0:
+            raise ValueError("`file_turn` must be more than 0")
         if sum(1 for s in self.sources if s.path == "-") > 1:
             raise ValueError("only one source can read standard input (`path: \"-\"`)")
 

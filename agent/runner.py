@@ -511,17 +511,31 @@ class Agent:
         self._drop_forgotten()
         self._count_files()
 
-    def _inactive(self, tracked: TrackedFile, now: float) -> bool:
-        """Whether an open file may give up its descriptor (close_inactive): read
-        and acknowledged to its end, nothing pending, idle, and not rotated away
-        (a rotated file is read to its end and released instead)."""
+    def _parkable(self, tracked: TrackedFile, read_to_end: bool = True) -> bool:
+        """Whether an open file may give up its descriptor: everything read of it
+        is acknowledged (and, with ``read_to_end``, it is read to its end),
+        nothing pending, and not rotated away (a rotated file is read to its end
+        and released instead)."""
         if tracked.rotated or tracked.deleted or tracked.unmatched or tracked.carry is not None \
-                or tracked.skipping or now - tracked.last_growth < self.cfg.close_inactive:
+                or tracked.skipping:
             return False
-        if tracked.pos < tracked.size or tracked.acked < tracked.pos or self._pending_by_file.get(tracked.id):
+        if (read_to_end and tracked.pos < tracked.size) or tracked.acked < tracked.pos \
+                or self._pending_by_file.get(tracked.id):
             return False
         joiner = getattr(tracked, "joiner", None)
         return not (isinstance(joiner, MultilineJoiner) and joiner.pending_start is not None)
+
+    def _inactive(self, tracked: TrackedFile, now: float) -> bool:
+        """close_inactive: read and acknowledged to its end, and idle."""
+        return now - tracked.last_growth >= self.cfg.close_inactive and self._parkable(tracked)
+
+    def _yielding(self, tracked: TrackedFile, now: float) -> bool:
+        """Whether an open file stops reading to give its slot to a waiting one
+        (it had it for ``file_turn``); rotated files are read to their end first."""
+        if not tracked.yielding and self.tailer.waiting and now - tracked.opened_at >= self.cfg.file_turn \
+                and not (tracked.rotated or tracked.deleted or tracked.unmatched):
+            tracked.yielding = True
+        return tracked.yielding
 
     def _report_lost(self, item: LostFile) -> None:
         """One warning line per checkpointed file whose unread tail is gone:
@@ -579,7 +593,8 @@ class Agent:
                 tracked.carry = None
                 self._add(items, tracked.id, end, raw, now, max_records, tracked, count)
                 progressed = True
-            budget = 8  # chunks per file per round, so one busy file cannot starve the rest
+            yielding = self._yielding(tracked, now)
+            budget = 0 if yielding else 8  # chunks per file per round, so one busy file cannot starve the rest
             while budget and self._has_room() and tracked.carry is None:
                 budget -= 1
                 chunk = self.tailer.read(tracked, pipeline.cfg.max_line)
@@ -600,7 +615,9 @@ class Agent:
                 self._add(pipeline.flush(tracked, tracked.path), tracked.id, tracked.pos, 0, now, max_records)
                 self.tailer.release(tracked)
                 parked = True
-            elif self._inactive(tracked, now):
+            elif self._inactive(tracked, now) or (yielding and self._parkable(tracked, read_to_end=False)):
+                if yielding:
+                    log.debug("%s gives its slot to a waiting file at byte %d", tracked.path, tracked.pos)
                 self.tailer.park(tracked)
                 parked = True
         if parked:

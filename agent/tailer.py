@@ -155,6 +155,9 @@ class TrackedFile:
         self.closed = False
         self.parked = False  # descriptor closed by close_inactive; the file is still known
         self.reopens = 0
+        # When it got its slot (max_open_files), and whether it is giving it up for a waiting file.
+        self.opened_at = now
+        self.yielding = False
         # (end offset, done) of batches holding this file's lines, oldest first.
         self.pending: deque[list[object]] = deque()
         self.joiner: object | None = None
@@ -425,6 +428,8 @@ class Tailer:
         tracked.parked = False
         tracked.size = fst.st_size
         tracked.last_growth = now
+        tracked.opened_at = now
+        tracked.yielding = False
         tracked.reopens += 1
         log.info("reopened %s at byte %d", tracked.path, tracked.pos)
         return tracked

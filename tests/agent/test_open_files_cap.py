@@ -315,3 +315,35 @@ async def test_files_waiting_for_a_descriptor_count_in_the_lag_metric(tmp_path, 
     text = running.agent.metrics.prometheus()
     assert f'logferry_agent_file_lag_bytes{{source="app",path="{logs / "f5.log"}"}} {sizes[str(logs / "f5.log")]}' \
         in text
+
+
+async def test_busy_files_take_turns_with_waiting_ones(tmp_path, stub, start_agent) -> None:
+    # Four files that never stop growing under a cap of two: without turns the
+    # first two would keep their slots (never idle) and the others never be read.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    paths = [logs / f"busy{i}.log" for i in range(4)]
+    for path in paths:
+        write_lines(path, [f"{path.stem} line 0000"])
+    running = await start_agent(agent_config(tmp_path, stub.url, [src(tmp_path)], max_open_files=2,
+                                             file_turn="300ms", discover_interval="50ms"))
+    watch = OpenFilesWatch(running.agent)
+    written = 1
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for path in paths:
+                write_lines(path, [f"{path.stem} line {written:04d}"])
+            written += 1
+            await asyncio.sleep(0.02)
+            if all(count(stub, f"{p.stem} ") for p in paths) and written > 150:
+                break
+        assert all(count(stub, f"{p.stem} ") for p in paths), "every busy file had a turn"
+        assert watch.max_open <= 2
+    finally:
+        watch.stop()
+    # Stopped writing: every line of every file arrives, once.
+    await eventually(lambda: all(len(count(stub, f"{p.stem} ")) == written for p in paths), timeout=20,
+                     what="every line of the four files")
+    for path in paths:
+        assert count(stub, f"{path.stem} ") == sorted(f"{path.stem} line {i:04d}" for i in range(written))
