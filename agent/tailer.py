@@ -223,6 +223,7 @@ class Tailer:
         self.max_open = max_open
         # Files waiting for a descriptor, in the order they started waiting: (dev, ino) -> Waiting.
         self.waiting: dict[tuple[int, int], Waiting] = {}
+        self._copies: list[TrackedFile] = []
         # Parked files found gone or replaced (the runner drops their state).
         self.dropped: list[TrackedFile] = []
         self.first_start = saved is None
@@ -347,6 +348,9 @@ class Tailer:
             if tracked is not None:
                 opened.append(tracked)
                 free -= 1
+        # Copies found for files truncated while the agent was stopped (_recover_copy).
+        opened.extend(self._copies)
+        self._copies.clear()
         return opened
 
     def _restore_idle(self, file_id: str, path: str, index: int, st: os.stat_result, now: float) -> bool:
@@ -583,6 +587,52 @@ class Tailer:
             self.waiting[(tracked.dev, tracked.ino)] = Waiting(path, index, now, tracked)
         return tracked
 
+    def _recover_copy(self, file_id: str, entry: FileCheckpoint, index: int, now: float) -> bool:
+        """After a copytruncate while the agent was stopped (``app.log`` copied
+        to ``app.log.1``, then truncated), the unread tail is in the copy: a
+        file beside it with a rotation-style name, the same first bytes
+        (fingerprint) and at least the checkpointed size. Its bytes from the
+        checkpoint on are read under the old file's id, to its end, then it is
+        released. False when no such copy is found (compressed, moved away)."""
+        if not entry.fingerprint_len:
+            return False  # nothing to recognise the copy by
+        directory, name = os.path.split(entry.path)
+        try:
+            names = sorted(n for n in os.listdir(directory) if n != name and n.startswith(name))
+        except OSError:
+            return False
+        for candidate in names:  # app.log.1 before app.log.2: the newest copy first
+            path = os.path.join(directory, candidate)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            fst = os.fstat(fd)
+            key = (fst.st_dev, fst.st_ino)
+            if not stat.S_ISREG(fst.st_mode) or key == (entry.dev, entry.ino) or key in self._by_inode \
+                    or fst.st_size < entry.offset \
+                    or not fingerprint_matches(fd, entry.fingerprint, entry.fingerprint_len):
+                os.close(fd)
+                continue
+            if fst.st_size == entry.offset:
+                os.close(fd)
+                log.info("%s was copied to %s and truncated while the agent was stopped; it had been read "
+                         "to its end", entry.path, path)
+                return True
+            # Named by the old path, as a file rotated while running is: read to its end, then released.
+            tracked = TrackedFile(file_id, entry.path, index, fd, fst, entry.offset, entry.fingerprint,
+                                  entry.fingerprint_len, now)
+            self._describe(tracked, index)
+            tracked.rotated = True
+            tracked.unmatched = True
+            self.files[file_id] = tracked
+            self._by_inode[key] = tracked
+            self._copies.append(tracked)
+            log.info("%s was copied to %s and truncated while the agent was stopped: reading the copy's "
+                     "unread bytes %d-%d", entry.path, path, entry.offset, fst.st_size)
+            return True
+        return False
+
     def _describe(self, tracked: TrackedFile, index: int) -> None:
         if index < len(self.sources):
             tracked.source = self.sources[index].source
@@ -599,7 +649,7 @@ class Tailer:
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             os.close(fd)  # replaced between stat and open: next round
             return None
-        file_id, pos = self._resume(fd, fst, index, start_end)
+        file_id, pos = self._resume(fd, fst, index, start_end, now)
         fp, fp_len = fingerprint_fd(fd, fst.st_size)
         tracked = TrackedFile(file_id, path, index, fd, fst, pos, fp, fp_len, now)
         self._describe(tracked, index)
@@ -609,7 +659,7 @@ class Tailer:
         return tracked
 
     def _resume(self, fd: int, st: os.stat_result, source_index: int,
-                start_end: int | None = None) -> tuple[str, int]:
+                start_end: int | None = None, now: float = 0.0) -> tuple[str, int]:
         """The id and start offset of a newly opened file: where it was left
         when device, inode and fingerprint match a file seen before (in this
         run or in the checkpoint); else 0, or the end of the file for files
@@ -626,11 +676,14 @@ class Tailer:
             self.saved.pop(file_id)
             if not fingerprint_matches(fd, entry.fingerprint, entry.fingerprint_len):
                 log.info("inode %d was reused by a new file: reading it from the start", st.st_ino)
-                self.lost.append(LostFile(file_id, entry, "replaced (inode reused, or truncated and rewritten)"))
+                # Truncated and written again (copytruncate): the old content may be in a copy.
+                if not self._recover_copy(file_id, entry, source_index, now):
+                    self.lost.append(LostFile(file_id, entry, "replaced (inode reused, or truncated and rewritten)"))
                 continue  # another entry (a later file on this inode) may still match
             if st.st_size < entry.offset:
                 log.info("file shrank below its checkpoint (truncated): reading it from the start")
-                self.lost.append(LostFile(file_id, entry, "truncated while the agent was stopped"))
+                if not self._recover_copy(file_id, entry, source_index, now):
+                    self.lost.append(LostFile(file_id, entry, "truncated while the agent was stopped"))
                 continue
             return file_id, entry.offset
         file_id = uuid.uuid4().hex[:16]

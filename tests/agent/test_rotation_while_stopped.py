@@ -109,6 +109,46 @@ def test_file_rotated_while_stopped_to_an_unmatched_name_is_read_to_its_end_exac
     assert sorted(stub.messages()) == expected
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_copytruncate_while_stopped_reads_the_unread_tail_from_the_copy(
+        stub: IngestStub, agent_process: Callable[..., RotationAgent], stop_signal: int) -> None:
+    agent = agent_process(stub.url, batch={"max_records": 50})
+    app = agent.logs / "app.log"
+    json_lines(app, "old", 0, 300)
+    agent.start()
+    if stop_signal == signal.SIGKILL:
+        json_lines(app, "old", 300, 2000)
+        wait_for(lambda: len(stub.messages()) > 0, what="first batches stored")
+        assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+        total_old = 2000
+    else:
+        wait_for(lambda: len(stub.messages()) == 300, what="the first lines shipped")
+        assert agent.signal(signal.SIGTERM) == 0
+        total_old = 300
+    # While the agent is stopped: more lines, then logrotate's copytruncate
+    # copies the file to app.log.1 and empties app.log, which the application
+    # keeps writing (an older, unrelated copy lies beside it too).
+    json_lines(app, "old", total_old, total_old + 500)
+    json_lines(agent.logs / "app.log.2", "ancient", 0, 5000)
+    (agent.logs / "app.log.1").write_bytes(app.read_bytes())
+    with app.open("r+") as f:
+        f.truncate(0)
+    json_lines(app, "new", 0, 200)
+    agent.start()
+    expected = sorted([f"old {i:05d}" for i in range(total_old + 500)] + [f"new {i:05d}" for i in range(200)])
+    wait_for(lambda: len(stub.messages()) >= len(expected), what="every line of both files")
+    time.sleep(0.5)  # a duplicate would arrive now
+    assert sorted(stub.messages()) == expected
+    copied = [r for r in stub.records if r.message.startswith("old")]
+    assert {r.source for r in copied} == {"rot"} and all(r.tags == ["rotated-test"] for r in copied)
+    assert "unread lines lost" not in agent.output()
+    assert "was copied to" in agent.output()
+    # The copy is released once read: only the live file stays in the checkpoint.
+    wait_for(lambda: [e["ino"] for e in agent.checkpoint().values()] == [app.stat().st_ino],
+             what="the copy's checkpoint entry dropped")
+    assert agent.signal(signal.SIGTERM) == 0
+
+
 def test_file_deleted_while_stopped_is_reported_and_the_new_file_is_read(
         stub: IngestStub, agent_process: Callable[..., RotationAgent]) -> None:
     agent = agent_process(stub.url)
