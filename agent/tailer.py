@@ -571,8 +571,19 @@ class Tailer:
             os.close(fd)
             self.lost.append(LostFile(file_id, entry, f"no source is configured for it any more (now {path})"))
             return None
-        # Named by its old path (as a file rotated while running is) and read
-        # to its end, then released: the path no longer leads to it.
+        tracked = self._track_old(file_id, entry, index, fd, fst, now)
+        log.info("%s was rotated to %s while the agent was stopped: reading its unread bytes %d-%d",
+                 entry.path, path, entry.offset, fst.st_size)
+        if self.open_count() > self.max_open:
+            tracked.park()  # read when its turn comes
+            self.waiting[(tracked.dev, tracked.ino)] = Waiting(path, index, now, tracked)
+        return tracked
+
+    def _track_old(self, file_id: str, entry: FileCheckpoint, index: int, fd: int, fst: os.stat_result,
+                   now: float) -> TrackedFile:
+        """The unread tail of a checkpointed file found under another name (or
+        in a copy), tracked under its old id and named by its old path (as a
+        file rotated while running is): read to its end, then released."""
         tracked = TrackedFile(file_id, entry.path, index, fd, fst, entry.offset, entry.fingerprint,
                               entry.fingerprint_len, now)
         self._describe(tracked, index)
@@ -580,11 +591,6 @@ class Tailer:
         tracked.unmatched = True
         self.files[file_id] = tracked
         self._by_inode[(tracked.dev, tracked.ino)] = tracked
-        log.info("%s was rotated to %s while the agent was stopped: reading its unread bytes %d-%d",
-                 entry.path, path, entry.offset, fst.st_size)
-        if self.open_count() > self.max_open:
-            tracked.park()  # read when its turn comes
-            self.waiting[(tracked.dev, tracked.ino)] = Waiting(path, index, now, tracked)
         return tracked
 
     def _recover_copy(self, file_id: str, entry: FileCheckpoint, index: int, now: float) -> bool:
@@ -619,15 +625,7 @@ class Tailer:
                 log.info("%s was copied to %s and truncated while the agent was stopped; it had been read "
                          "to its end", entry.path, path)
                 return True
-            # Named by the old path, as a file rotated while running is: read to its end, then released.
-            tracked = TrackedFile(file_id, entry.path, index, fd, fst, entry.offset, entry.fingerprint,
-                                  entry.fingerprint_len, now)
-            self._describe(tracked, index)
-            tracked.rotated = True
-            tracked.unmatched = True
-            self.files[file_id] = tracked
-            self._by_inode[key] = tracked
-            self._copies.append(tracked)
+            self._copies.append(self._track_old(file_id, entry, index, fd, fst, now))
             log.info("%s was copied to %s and truncated while the agent was stopped: reading the copy's "
                      "unread bytes %d-%d", entry.path, path, entry.offset, fst.st_size)
             return True

@@ -67,24 +67,43 @@ def json_lines(path: Path, prefix: str, start: int, stop: int) -> None:
     write_lines(path, [json.dumps({"level": "info", "msg": f"{prefix} {i:05d}"}) for i in range(start, stop)])
 
 
+def run_then_stop(agent: RotationAgent, app: Path, stub: IngestStub, stop_signal: int) -> int:
+    """Ship "old" lines of ``app`` and stop: SIGTERM once 300 are stored, or
+    SIGKILL while busy (lines keep arriving: some shipped, some spooled, some
+    unread). Returns how many lines the file holds."""
+    json_lines(app, "old", 0, 300)
+    agent.start()
+    if stop_signal == signal.SIGKILL:
+        json_lines(app, "old", 300, 2000)
+        wait_for(lambda: len(stub.messages()) > 0, what="first batches stored")
+        assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+        return 2000
+    wait_for(lambda: len(stub.messages()) == 300, what="the first lines shipped")
+    assert agent.signal(signal.SIGTERM) == 0
+    return 300
+
+
+def restart_and_expect_every_line(agent: RotationAgent, stub: IngestStub, total_old: int) -> list[str]:
+    """Start the agent again: the old file's ``total_old + 500`` lines and the
+    new file's 200 are each stored once, the old ones with the source they
+    belonged to (its name and tags)."""
+    agent.start()
+    expected = sorted([f"old {i:05d}" for i in range(total_old + 500)] + [f"new {i:05d}" for i in range(200)])
+    wait_for(lambda: len(stub.messages()) >= len(expected), what="every line of both files")
+    time.sleep(0.5)  # a duplicate would arrive now
+    assert sorted(stub.messages()) == expected
+    old = [r for r in stub.records if r.message.startswith("old")]
+    assert {r.source for r in old} == {"rot"} and all(r.tags == ["rotated-test"] for r in old)
+    return expected
+
+
 @pytest.mark.parametrize("rotated_name", ["app.log.1", "app.log-20261201"])
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
 def test_file_rotated_while_stopped_to_an_unmatched_name_is_read_to_its_end_exactly_once(
         stub: IngestStub, agent_process: Callable[..., RotationAgent], stop_signal: int, rotated_name: str) -> None:
     agent = agent_process(stub.url, batch={"max_records": 50})
     app = agent.logs / "app.log"
-    json_lines(app, "old", 0, 300)
-    agent.start()
-    if stop_signal == signal.SIGKILL:
-        # Killed while busy: lines keep arriving, some are shipped, some spooled, some unread.
-        json_lines(app, "old", 300, 2000)
-        wait_for(lambda: len(stub.messages()) > 0, what="first batches stored")
-        assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
-        total_old = 2000
-    else:
-        wait_for(lambda: len(stub.messages()) == 300, what="the first lines shipped")
-        assert agent.signal(signal.SIGTERM) == 0
-        total_old = 300
+    total_old = run_then_stop(agent, app, stub, stop_signal)
     shipped_before = len(stub.messages())
     assert 0 < shipped_before <= total_old
     # While the agent is stopped: more lines, then logrotate renames the file
@@ -92,15 +111,8 @@ def test_file_rotated_while_stopped_to_an_unmatched_name_is_read_to_its_end_exac
     json_lines(app, "old", total_old, total_old + 500)
     app.rename(agent.logs / rotated_name)
     json_lines(app, "new", 0, 200)
-    agent.start()
-    expected = sorted([f"old {i:05d}" for i in range(total_old + 500)] + [f"new {i:05d}" for i in range(200)])
-    wait_for(lambda: len(stub.messages()) >= len(expected), what="every line of both files")
-    time.sleep(0.5)  # a duplicate would arrive now
-    assert sorted(stub.messages()) == expected
-    # Read with the source it belonged to: its name, format (json parsed) and tags, and its old path.
-    rotated = [r for r in stub.records if r.message.startswith("old")]
-    assert {r.source for r in rotated} == {"rot"} and all(r.tags == ["rotated-test"] for r in rotated)
-    assert {r.level for r in rotated} == {"INFO"}
+    expected = restart_and_expect_every_line(agent, stub, total_old)
+    assert {r.level for r in stub.records if r.message.startswith("old")} == {"INFO"}
     # Then released: only the new file stays in the checkpoint.
     wait_for(lambda: [e["ino"] for e in agent.checkpoint().values()] == [app.stat().st_ino],
              what="the rotated file's checkpoint entry dropped")
@@ -114,17 +126,7 @@ def test_copytruncate_while_stopped_reads_the_unread_tail_from_the_copy(
         stub: IngestStub, agent_process: Callable[..., RotationAgent], stop_signal: int) -> None:
     agent = agent_process(stub.url, batch={"max_records": 50})
     app = agent.logs / "app.log"
-    json_lines(app, "old", 0, 300)
-    agent.start()
-    if stop_signal == signal.SIGKILL:
-        json_lines(app, "old", 300, 2000)
-        wait_for(lambda: len(stub.messages()) > 0, what="first batches stored")
-        assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
-        total_old = 2000
-    else:
-        wait_for(lambda: len(stub.messages()) == 300, what="the first lines shipped")
-        assert agent.signal(signal.SIGTERM) == 0
-        total_old = 300
+    total_old = run_then_stop(agent, app, stub, stop_signal)
     # While the agent is stopped: more lines, then logrotate's copytruncate
     # copies the file to app.log.1 and empties app.log, which the application
     # keeps writing (an older, unrelated copy lies beside it too).
@@ -134,13 +136,7 @@ def test_copytruncate_while_stopped_reads_the_unread_tail_from_the_copy(
     with app.open("r+") as f:
         f.truncate(0)
     json_lines(app, "new", 0, 200)
-    agent.start()
-    expected = sorted([f"old {i:05d}" for i in range(total_old + 500)] + [f"new {i:05d}" for i in range(200)])
-    wait_for(lambda: len(stub.messages()) >= len(expected), what="every line of both files")
-    time.sleep(0.5)  # a duplicate would arrive now
-    assert sorted(stub.messages()) == expected
-    copied = [r for r in stub.records if r.message.startswith("old")]
-    assert {r.source for r in copied} == {"rot"} and all(r.tags == ["rotated-test"] for r in copied)
+    restart_and_expect_every_line(agent, stub, total_old)
     assert "unread lines lost" not in agent.output()
     assert "was copied to" in agent.output()
     # The copy is released once read: only the live file stays in the checkpoint.
