@@ -169,6 +169,7 @@ class LogWriter:
         self.storage = storage
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._last_ingested_ms = 0
 
     def start(self) -> None:
         self.logs.start()
@@ -194,13 +195,27 @@ class LogWriter:
             return True
         return False
 
+    def stamp(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Give rows their ``ingested_at``: the time they were handed to
+        storage, in ms, strictly increasing from one call to the next on this
+        collector. A tail sends logs in ``(ingested_at, id)`` order, the order
+        of storage, and resumes by it (collector.tail) without missing logs
+        whose own timestamps are older than the last one it sent."""
+        now = max(int(time.time() * 1000), self._last_ingested_ms + 1)
+        self._last_ingested_ms = now
+        text = _ts(dt.datetime.fromtimestamp(now / 1000, dt.UTC))
+        for row in rows:
+            row["ingested_at"] = text  # type: ignore[index]
+
     async def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Store log rows (no batch bookkeeping): for derived records."""
+        self.stamp(rows)
         await self.logs.write(rows)
 
     async def write_batch(self, batch_id: str, agent_id: str, rows: Sequence[Mapping[str, Any]]) -> bool:
         """Store a batch's rows once; False if the batch was already stored."""
         if not batch_id:
+            self.stamp(rows)
             await self.logs.write(rows)
             return True
         lock = self._locks.setdefault(batch_id, asyncio.Lock())
@@ -211,6 +226,7 @@ class LogWriter:
                 if rows:
                     # The insert that stores the rows records the batch too
                     # (the ingest_batches_from_logs view, migration 16).
+                    self.stamp(rows)
                     await self.logs.write(rows)
                 else:
                     # Every record rejected: remembered so a resend is a duplicate.

@@ -388,6 +388,34 @@ def select_json_sql(query: LogQuery, scope: TokenScope | None, *, limit: int, st
     return sql, b.params
 
 
+# A tail's event ids are cursors in ingest order: `timestamp` then holds the
+# row's ingested_at (see collector.ingest.LogWriter.stamp).
+INGEST_ORDER = "ingest"
+
+
+def ingest_cursor(row: Mapping[str, Any]) -> Cursor:
+    """The tail event id of a stored row or ingest event: its place in ingest order."""
+    return Cursor(timestamp=str(row["ingested_at"]), id=str(row["id"]), order=INGEST_ORDER)
+
+
+def select_ingested_sql(query: LogQuery, scope: TokenScope | None, after: Cursor, *,
+                        limit: int) -> tuple[str, dict[str, Any]]:
+    """The logs matching ``query`` (within its time range) stored after
+    ``after`` in ingest order, oldest first; each output line is the rendered
+    log, a tab, and its ingested_at (the next cursor)."""
+    b = build_where(query, scope)
+    at = b.bind(after.timestamp, "DateTime64(3)")
+    uid = b.bind(after.id, "UUID")
+    # The plain bound lets the ingested_at index skip what the tuple comparison cannot.
+    b.where.append(f"ingested_at >= {at}")
+    b.where.append(f"(ingested_at, id) > ({at}, {uid})")
+    sql = (
+        f"SELECT {_JSON_LINE}, toString(ingested_at) FROM application_logs WHERE {b.sql()} "
+        f"ORDER BY ingested_at, id LIMIT {int(limit)}"
+    )
+    return sql, b.params
+
+
 def select_sql(query: LogQuery, scope: TokenScope | None, *, limit: int) -> tuple[str, dict[str, Any]]:
     """SQL returning the stored columns (for callers that want Python rows)."""
     b = build_where(query, scope)

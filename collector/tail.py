@@ -33,6 +33,7 @@ from collector.errors import ApiError
 from collector.events import LOG, EventBus
 from collector.logquery import (
     FILTER_PARAMS,
+    INGEST_ORDER,
     Cursor,
     LogQuery,
     QueryError,
@@ -41,9 +42,11 @@ from collector.logquery import (
     cursor_from_line,
     decode_cursor,
     encode_cursor,
+    ingest_cursor,
     matches,
     parse_filters,
     render_log,
+    select_ingested_sql,
     select_json_sql,
 )
 from collector.logs_api import cursor_secret, json_lines, query_settings
@@ -142,6 +145,10 @@ class TailHub:
             self._unsubscribe = None
 
 
+def _ingest_order(row: Mapping[str, Any]) -> tuple[str, str]:
+    return str(row.get("ingested_at", "")), str(row["id"])
+
+
 def _event(event_id: str | None, name: str, data: bytes) -> bytes:
     head = f"id: {event_id}\n" if event_id else ""
     return head.encode() + f"event: {name}\n".encode() + b"data: " + data + b"\n\n"
@@ -164,22 +171,44 @@ def _parse_tail(request: web.Request) -> tuple[LogQuery, Cursor | None]:
 
 
 async def _replay(app: web.Application, query: LogQuery, scope: TokenScope | None,
-                  cursor: Cursor) -> AsyncIterator[list[bytes]]:
-    """Stored logs after ``cursor`` up to now, oldest first, in pages."""
+                  cursor: Cursor) -> AsyncIterator[list[tuple[Cursor, bytes]]]:
+    """Stored logs after ``cursor`` up to now, in the order the tail sends
+    them (ingest order), in pages of (event id, rendered log). Logs stored
+    while the client was away are found even when their own timestamps are
+    older than the last one it saw (late or backfilled logs). Cursors of the
+    older, timestamp-ordered kind are resumed by timestamp."""
     config = app[appkeys.CONFIG].query
     now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     oldest = now - dt.timedelta(seconds=config.max_range)
+    left = config.tail_resume_max
+    storage = app[appkeys.STORAGE]
+    settings = query_settings(app)
+    if cursor.order == INGEST_ORDER:
+        window = msgspec.structs.replace(query, start=oldest, end=now, after=None)
+        while left > 0:
+            size = min(left, 5000)
+            sql, params = select_ingested_sql(window, scope, cursor, limit=size)
+            page = []
+            for line in await json_lines(storage, sql, params, settings):
+                log_line, _, ingested = line.rpartition(b"\t")
+                cursor = Cursor(timestamp=ingested.decode(), id=orjson.loads(log_line)["id"], order=INGEST_ORDER)
+                page.append((cursor, log_line))
+            if page:
+                yield page
+            left -= len(page)
+            if len(page) < size:
+                return
+        yield []  # the cap was reached: tell the caller
+        return
     position = dt.datetime.fromisoformat(cursor.timestamp).replace(tzinfo=dt.UTC)
     replay = msgspec.structs.replace(query, start=max(oldest, position), end=now,
                                      after=Cursor(timestamp=cursor.timestamp, id=cursor.id, order="asc"))
-    left = config.tail_resume_max
-    storage = app[appkeys.STORAGE]
     while left > 0:
         size = min(left, 5000)
         sql, params = select_json_sql(replay, scope, limit=size)
-        lines = await json_lines(storage, sql, params, query_settings(app))
+        lines = await json_lines(storage, sql, params, settings)
         if lines:
-            yield lines
+            yield [(cursor_from_line(line, replay), line) for line in lines]
         left -= len(lines)
         if len(lines) < size:
             return
@@ -211,15 +240,14 @@ async def tail_logs(request: web.Request) -> web.StreamResponse:
         await response.write(b"retry: 2000\n: tailing\n\n")
         replayed: set[str] = set()
         if cursor is not None and query is not None:
-            async for lines in _replay(app, query, principal.scope, cursor):
-                if not lines:
+            async for page in _replay(app, query, principal.scope, cursor):
+                if not page:
                     await response.write(_event(None, "truncated", orjson.dumps(
                         {"message": f"more than {config.tail_resume_max} logs were missed; "
                                     "use GET /v1/logs to read the rest"})))
                     break
                 chunk = []
-                for line in lines:
-                    position = cursor_from_line(line, wanted)
+                for position, line in page:
                     replayed.add(position.id)
                     chunk.append(_event(encode_cursor(secret, position), "log", line))
                 await response.write(b"".join(chunk))
@@ -232,11 +260,15 @@ async def tail_logs(request: web.Request) -> web.StreamResponse:
             if sub.rows:
                 rows = list(sub.rows)
                 sub.rows.clear()
+                # Ingest order, as a resume reads storage: batches come stamped in
+                # increasing ingested_at (LogWriter.stamp); within one, by id.
+                rows.sort(key=_ingest_order)
                 chunk = []
                 for row in rows:
                     if replayed and str(row["id"]) in replayed:
                         continue
-                    event_id = encode_cursor(secret, cursor_after(row, wanted))
+                    event_id = encode_cursor(secret, ingest_cursor(row) if "ingested_at" in row
+                                             else cursor_after(row, wanted))
                     chunk.append(_event(event_id, "log", orjson.dumps(render_log(row), default=str)))
                 if chunk:
                     await response.write(b"".join(chunk))

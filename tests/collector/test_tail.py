@@ -190,3 +190,32 @@ async def test_bad_tail_parameters_are_refused(app_client, tokens, admin_token):
         resp = await app_client.get("/v1/logs/tail", params=params, headers=tokens.headers(admin_token))
         assert resp.status == 400
         assert (await resp.json())["error"]["message"].startswith(f"{name}:")
+
+
+async def test_resume_delivers_late_logs_stored_while_away(app_client, tokens, admin_token):
+    """Logs stored while the client was away whose own timestamps are older
+    than the last event it saw (a late agent, a backfill) still reach it on
+    resume, in the order they were stored, and nothing it saw comes again."""
+    resp, reader = await open_tail(app_client, tokens, admin_token, source="svc")
+    await ingest(app_client, tokens, admin_token, {"source": "svc", "message": "seen"})
+    [seen] = await reader.logs(1)
+    resp.close()
+    an_hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    await ingest(app_client, tokens, admin_token, {"source": "svc", "message": "late", "timestamp": an_hour_ago})
+    await ingest(app_client, tokens, admin_token, {"source": "svc", "message": "on time"},
+                 {"source": "svc", "message": "on time too"})
+    resp, reader = await open_tail(app_client, tokens, admin_token, headers={"Last-Event-ID": seen["_event_id"]},
+                                   source="svc")
+    missed = await reader.logs(3)
+    assert missed[0]["message"] == "late"
+    assert sorted(log["message"] for log in missed[1:]) == ["on time", "on time too"]
+    # Resuming from the middle of a batch: only what came after it in ingest order.
+    resp.close()
+    resp, reader = await open_tail(app_client, tokens, admin_token, headers={"Last-Event-ID": missed[1]["_event_id"]},
+                                   source="svc")
+    [last] = await reader.logs(1)
+    assert last["message"] == missed[2]["message"]
+    await ingest(app_client, tokens, admin_token, {"source": "svc", "message": "live"})
+    [live] = await reader.logs(1)
+    assert live["message"] == "live"
+    resp.close()
