@@ -1082,7 +1082,8 @@ class Agent:
             finally:
                 await self._shutdown(shipper, workers, tasks)
                 if metrics_runner is not None:
-                    await metrics_runner.cleanup()
+                    await asyncio.to_thread(metrics_runner.shutdown)
+                    metrics_runner.server_close()
         self.tailer.close_all()
         self.spool.close()
         if self._lock_fd is not None:
@@ -1148,23 +1149,43 @@ class Agent:
             log.info("summary: %s", self.metrics.summary())
 
     async def _serve_metrics(self, listen: str) -> Any:
-        from aiohttp import web
+        """``GET /metrics`` (Prometheus text) on ``listen``, served by the
+        standard library's HTTP server on a daemon thread; the text is made on
+        the event loop, which owns the state it reads."""
+        import http.server
 
-        async def handle(request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+
+        async def text() -> bytes:
             self.metrics.spool_bytes = self.spool.used_bytes
-            return web.Response(text=self.metrics.prometheus(), content_type="text/plain", charset="utf-8",
-                                headers={"X-Content-Type-Options": "nosniff"})
+            return self.metrics.prometheus().encode()
 
-        app = web.Application()
-        app.router.add_get("/metrics", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                try:
+                    body = asyncio.run_coroutine_threadsafe(text(), loop).result(timeout=10)
+                except Exception:
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
         host, _, port = listen.rpartition(":")
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-        await site.start()
+        server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         log.info("metrics on http://%s/metrics", listen)
-        return runner
-
+        return server
 
 class _StdinFile:
     """Stands in for a tracked file for stdin's multiline state."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import agent
 
 HEAVY = ["collector", "clickhouse_connect", "chdb", "orjson", "pluggy", "jinja2", "jwt", "aiosmtplib",
-         "cryptography", "pipelines", "plugins"]
+         "cryptography", "pipelines", "plugins", "aiohttp"]
 
 
 def test_importing_every_agent_module_imports_no_collector_dependency() -> None:
@@ -31,7 +31,7 @@ def test_agent_dependencies_are_the_base_install_only() -> None:
 
     meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     base = " ".join(meta["project"]["dependencies"]).lower()
-    for heavy in ("clickhouse", "chdb", "pluggy", "jinja2", "pyjwt", "aiosmtplib"):
+    for heavy in ("clickhouse", "chdb", "pluggy", "jinja2", "pyjwt", "aiosmtplib", "aiohttp"):
         assert heavy not in base
     assert meta["project"]["scripts"]["logferry-agent"] == "agent.cli:main"
     assert meta["project"]["scripts"]["logferry-collector"] == "collector.cli:main"
