@@ -106,6 +106,15 @@ class CollectorTarget(msgspec.Struct, forbid_unknown_fields=True):
     # 0 means retry for ever: files on disk and the spool are the buffer.
     max_retries: Annotated[int, msgspec.Meta(ge=0)] = 0
     verify_tls: bool = True
+    # PEM file of the CA(s) that signed the collector's certificate (https), instead of the system's.
+    ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ca_file:
+            import os
+
+            if not os.path.isfile(self.ca_file):
+                raise ValueError(f"`ca_file` {self.ca_file!r} is not a readable file")
 
 
 class MultilineConfig(msgspec.Struct, forbid_unknown_fields=True):

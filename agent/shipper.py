@@ -142,7 +142,7 @@ class Shipper:
 
     def update(self, cfg: CollectorTarget) -> None:
         """Take a new token or URL (SIGHUP); connections to another URL are dropped."""
-        changed = cfg.url != self.cfg.url or cfg.verify_tls != self.cfg.verify_tls
+        changed = (cfg.url, cfg.verify_tls, cfg.ca_file) != (self.cfg.url, self.cfg.verify_tls, self.cfg.ca_file)
         self.cfg = cfg
         self._target(cfg)
         if changed:
@@ -157,7 +157,7 @@ class Shipper:
             pass
         if self._https:
             if self._tls is None:
-                self._tls = ssl.create_default_context()
+                self._tls = ssl.create_default_context(cafile=self.cfg.ca_file or None)
                 if not self.cfg.verify_tls:
                     self._tls.check_hostname = False
                     self._tls.verify_mode = ssl.CERT_NONE

@@ -9,6 +9,7 @@ back-pressure, dead letters); end-to-end tests use the real collector.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -97,7 +98,9 @@ class IngestStub:
             answer["lines"] = lines
         return web.json_response(answer)
 
-    def start(self, port: int = 0) -> IngestStub:
+    def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> IngestStub:
+        """Serve on 127.0.0.1 (HTTPS with ``tls``, a server-side context)."""
+
         def serve() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
@@ -105,10 +108,11 @@ class IngestStub:
             app.router.add_post("/v1/ingest", self._ingest)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", port)
+            site = web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=tls)
             loop.run_until_complete(site.start())
             sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-            self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+            scheme = "https" if tls is not None else "http"
+            self.url = f"{scheme}://127.0.0.1:{sockets[0].getsockname()[1]}"
             self._ready.set()
             loop.run_forever()
             loop.run_until_complete(self._runner.cleanup())
