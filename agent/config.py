@@ -156,6 +156,10 @@ class SourceConfig(msgspec.Struct, forbid_unknown_fields=True):
     encoding: str = "utf-8"
     # Record field -> name in the JSON/logfmt line, when the usual names do not fit.
     fields: dict[str, str] = msgspec.field(default_factory=dict)
+    # Where logrotate's `olddir` puts rotated files (absolute, or relative to each
+    # file's directory): searched, beside the file's own directory, for the unread
+    # tail of a file rotated while the agent was stopped.
+    olddir: str = ""
 
     def __post_init__(self) -> None:
         if self.max_line < 64:

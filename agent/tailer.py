@@ -488,12 +488,18 @@ class Tailer:
         return matching[0] if matching else None
 
     @staticmethod
-    def _candidates(entry: FileCheckpoint, listings: dict[str, dict[tuple[int, int], list[str]]]) -> list[str]:
-        """Paths in the recorded file's directory (and its symlink target's) with its device and inode."""
+    def _candidates(entry: FileCheckpoint, listings: dict[str, dict[tuple[int, int], list[str]]],
+                    olddir: str = "") -> list[str]:
+        """Paths in the recorded file's directory (and its symlink target's, and
+        the source's ``olddir``) with its device and inode."""
         directories = [os.path.dirname(entry.path)]
         real = os.path.dirname(os.path.realpath(entry.path))
         if real not in directories:
             directories.append(real)
+        if olddir:
+            old = os.path.normpath(os.path.join(directories[0], os.path.expanduser(olddir)))
+            if old not in directories:
+                directories.append(old)
         paths: list[str] = []
         for directory in directories:
             listing = listings.get(directory)
@@ -521,7 +527,7 @@ class Tailer:
         stat); or why it cannot be read: ``deleted`` or ``inode reused``."""
         reused = False
         stem = os.path.basename(entry.path).split(".", 1)[0]
-        for path in self._candidates(entry, listings):
+        for path in self._candidates(entry, listings, self._olddir(entry)):
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError:
@@ -593,6 +599,11 @@ class Tailer:
         self._by_inode[(tracked.dev, tracked.ino)] = tracked
         return tracked
 
+    def _olddir(self, entry: FileCheckpoint) -> str:
+        """The ``olddir`` of the source a checkpointed file was read for ("" if none)."""
+        index = self._source_for(entry)
+        return self.sources[index].olddir if index is not None else ""
+
     def _recover_copy(self, file_id: str, entry: FileCheckpoint, index: int, now: float) -> bool:
         """After a copytruncate while the agent was stopped (``app.log`` copied
         to ``app.log.1``, then truncated), the unread tail is in the copy: a
@@ -603,12 +614,17 @@ class Tailer:
         if not entry.fingerprint_len:
             return False  # nothing to recognise the copy by
         directory, name = os.path.split(entry.path)
-        try:
-            names = sorted(n for n in os.listdir(directory) if n != name and n.startswith(name))
-        except OSError:
-            return False
-        for candidate in names:  # app.log.1 before app.log.2: the newest copy first
-            path = os.path.join(directory, candidate)
+        olddir = self.sources[index].olddir if index < len(self.sources) else ""
+        paths: list[str] = []
+        for folder in dict.fromkeys([directory, *([os.path.join(directory, os.path.expanduser(olddir))]
+                                                   if olddir else [])]):
+            try:
+                # app.log.1 before app.log.2: the newest copy first
+                paths.extend(os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                             if n.startswith(name) and (n != name or folder != directory))
+            except OSError:
+                continue
+        for path in paths:
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError:

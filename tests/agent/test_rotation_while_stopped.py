@@ -5,6 +5,7 @@ and its checkpoint entry dropped."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -285,3 +286,31 @@ def test_glob_matching_without_the_file() -> None:
     assert _glob_matches("/var/log/**/*.log", "/var/log/a/b/app.log")
     assert _glob_matches("/var/log/**/*.log", "/var/log/app.log")
     assert not _glob_matches("/var/log/**/*.log", "/srv/app.log")
+
+
+@pytest.mark.parametrize("how", ["rename", "copytruncate"])
+async def test_a_file_rotated_into_olddir_while_stopped_is_read_from_there(tmp_path, stub, start_agent,
+                                                                           how: str) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    app = logs / "app.log"
+    json_lines(app, "old", 0, 100)
+    source = {"path": str(logs / "*.log"), "source": "app", "format": "json", "olddir": "archive"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [source]))
+    await eventually(lambda: len(stub.messages()) == 100, what="the first lines")
+    assert await running.stop() == 0
+    # While stopped: more lines, then logrotate (olddir archive) moves or copies the file there.
+    json_lines(app, "old", 100, 150)
+    (logs / "archive").mkdir()
+    if how == "rename":
+        app.rename(logs / "archive" / "app.log.1")
+    else:
+        (logs / "archive" / "app.log.1").write_bytes(app.read_bytes())
+        with app.open("r+") as f:
+            f.truncate(0)
+    json_lines(app, "new", 0, 20)
+    await start_agent(agent_config(tmp_path, stub.url, [source]))
+    expected = sorted([f"old {i:05d}" for i in range(150)] + [f"new {i:05d}" for i in range(20)])
+    await eventually(lambda: len(stub.messages()) >= len(expected), what="every line of both files")
+    await asyncio.sleep(0.3)  # a duplicate would arrive now
+    assert sorted(stub.messages()) == expected
