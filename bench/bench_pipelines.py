@@ -249,5 +249,6 @@ if __name__ == "__main__":
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=2000, help="records/s during the latency measurement")
+    parser.add_argument("--quick", action="store_true", help="3 seconds (make bench BENCH_ARGS=--quick)")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.senders, args.batch, args.rate))
+    asyncio.run(main(3.0 if args.quick else args.seconds, args.senders, args.batch, args.rate))
