@@ -381,6 +381,7 @@ class Redactor:
             parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
         parts.append(r"\\u00[3-9]")
         self.active = self.enabled and bool(self._rules or self._keys)
+        self._fingerprint = self._make_fingerprint(cfg)
         combined = "|".join(parts) if parts else "$^"
         self._prefilter = _compile(combined)
         # Short strings (one record's fields): Python's re has less call overhead.
@@ -401,6 +402,19 @@ class Redactor:
     @classmethod
     def from_config(cls, cfg: RedactConfig) -> Redactor:
         return cls(cfg)
+
+    @property
+    def fingerprint(self) -> str:
+        """What these rules find, as a digest: two redactors with the same
+        fingerprint redact the same spans (replacement modes and the hash key
+        only change what a span becomes, so they are left out). "" when off."""
+        return self._fingerprint
+
+    def _make_fingerprint(self, cfg: RedactConfig) -> str:
+        if not self.active:
+            return ""
+        what = [sorted(cfg.rules), sorted((c.name, c.pattern) for c in cfg.custom), sorted(self._keys)]
+        return hashlib.sha256(msgspec.json.encode(what)).hexdigest()[:32]
 
     # --- replacement ---------------------------------------------------------
 

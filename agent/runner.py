@@ -690,7 +690,8 @@ class Agent:
         records, lines = _wire_items(batch.items)
         shipped_lines = batch.count - len(records) if lines else 0
         buffer = self._encode_buffer
-        encode_batch_into(Batch(self.state.agent_id, batch_id, self.host, records, lines=lines), buffer)
+        encode_batch_into(Batch(self.state.agent_id, batch_id, self.host, records, lines=lines,
+                                redacted_with=self.redactor.fingerprint), buffer)
         with memoryview(buffer) as view:
             body = self._compress(view)
         spooled = SpooledBatch(self.spool.next_seq(), batch_id, batch.count, batch.raw_bytes,

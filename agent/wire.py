@@ -137,6 +137,10 @@ class Batch(msgspec.Struct, omit_defaults=True):
     # True when the sender already applied redaction rules (the agent does).
     redacted: bool = False
     lines: list[Lines] = []
+    # The fingerprint of the redaction rules the sender applied
+    # (agent.redact.Redactor.fingerprint): a collector with the same rules
+    # has nothing left to find in the batch and does not redact it again.
+    redacted_with: str = ""
 
 
 # What a collector that parses shipped lines says in its ingest answers; an
@@ -151,6 +155,7 @@ class _RawBatch(msgspec.Struct):
     records: list[msgspec.Raw] = []
     redacted: bool = False
     lines: list[Lines] = []
+    redacted_with: str = ""
 
 
 class _JsonBatch(msgspec.Struct):
@@ -173,6 +178,7 @@ class DecodedBatch(msgspec.Struct):
     lines: list[Lines] = []
     # Index of the first shipped line: the number of records in the body.
     lines_index: int = 0
+    redacted_with: str = ""
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -225,7 +231,7 @@ def decode_msgpack_batch(body: bytes) -> DecodedBatch:
         raise WireError(f"undecodable msgpack batch: {exc}") from None
     records, errors = _decode_records(env.records, _msgpack_record)
     return DecodedBatch(env.agent_id, env.batch_id, env.host, records, errors, env.redacted, env.lines,
-                        len(env.records))
+                        len(env.records), env.redacted_with)
 
 
 def decode_json_batch(body: bytes) -> DecodedBatch:

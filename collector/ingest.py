@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
+import hmac
 import logging
 import time
 import uuid
@@ -492,8 +493,12 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
         metrics.inc("logferry_ingest_lines_total", lines)
         if parse_errors:
             metrics.inc("logferry_ingest_parse_errors_total", parse_errors)
-    # Agents redact before shipping; everything else is redacted here.
-    redactor = None if batch.redacted else app[appkeys.REDACTOR]
+    # Agents redact before shipping: a batch redacted with the same rules as
+    # this collector's has nothing left to find. Everything else is redacted here.
+    redactor: Redactor | None = app[appkeys.REDACTOR]
+    if batch.redacted or (batch.redacted_with and redactor is not None
+                          and hmac.compare_digest(batch.redacted_with.encode(), redactor.fingerprint.encode())):
+        redactor = None
     rows, rejected = await build_rows_in_slices(batch, redactor, app[appkeys.RETENTION])
     try:
         stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows)

@@ -38,6 +38,7 @@ class IngestStub:
         # plays an older collector, which ignores them and does not say it.
         self.lines_feature = True
         self.lines_posts = 0  # requests that carried lines shipped as read
+        self.redacted_with: list[str] = []  # each request's redaction fingerprint
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -68,6 +69,7 @@ class IngestStub:
         body = await request.read()
         self.encodings.append(request.headers.get("Content-Encoding", "identity"))
         batch = decode_msgpack_batch(body)
+        self.redacted_with.append(batch.redacted_with)
         features = [LINES_FEATURE] if self.lines_feature else []
         lines = 0
         if batch.lines:

@@ -144,6 +144,8 @@ async def test_every_line_stored_once_across_batch_boundaries(tmp_path, stub, st
     assert len(set(offsets)) == 300 and all(r.file == str(log) and r.host for r in stub.records)
     assert max(len(b) for b in stub.batches.values()) <= 7
     assert running.agent.metrics.records_shipped == 300
+    # Every batch names the rules it was redacted with (the collector skips redacting it again if they are its own).
+    assert set(stub.redacted_with) == {Redactor(RedactConfig()).fingerprint}
 
 
 async def test_an_older_collector_gets_records_only(tmp_path, stub, start_agent) -> None:

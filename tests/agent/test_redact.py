@@ -238,3 +238,17 @@ def test_chunk_prefilter_dismisses_digit_runs_without_a_card_or_ssn(redactor: Re
     starts = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
     hit_lines = {max(i for i, s in enumerate(starts) if s <= pos) for pos in redactor.hit_positions(data)}
     assert hit_lines == {1, 3, 4}
+
+
+def test_the_fingerprint_names_what_the_rules_find_not_how_they_replace() -> None:
+    from agent.config import CustomRedactRule
+
+    base = Redactor(RedactConfig()).fingerprint
+    assert base and base == Redactor(RedactConfig()).fingerprint
+    assert Redactor(RedactConfig(mode="hash", hash_key="k" * 32)).fingerprint == base
+    assert Redactor(RedactConfig(modes={"ssn": "partial"})).fingerprint == base
+    for other in (RedactConfig(rules=["ssn", "credit_card", "secrets", "email"]),
+                  RedactConfig(keys=["password"]),
+                  RedactConfig(custom=[CustomRedactRule(name="emp", pattern=r"EMP-\d{6}")])):
+        assert Redactor(other).fingerprint not in ("", base)
+    assert Redactor(RedactConfig(enabled=False)).fingerprint == ""

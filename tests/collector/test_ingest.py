@@ -288,3 +288,19 @@ async def test_a_large_batch_is_built_in_slices_with_every_index_kept(ingest, st
     rows = await stored(storage)
     assert [r["message"] for r in rows] == [f"m {i:05d}" for i in range(total) if i not in bad]
     assert len({r["id"] for r in rows}) == total - len(bad)
+
+
+async def test_a_batch_redacted_with_the_collectors_own_rules_is_not_redacted_again(ingest, storage, app_client):
+    # Equal fingerprints: the sender's rules found everything the collector's would.
+    # Shown with a card number the sender "missed": kept as sent. Any other
+    # fingerprint (or none) and the collector redacts it.
+    fingerprint = app_client.server.app[appkeys.REDACTOR].fingerprint
+    card = "paid with 4111 1111 1111 1111"
+    for source, claimed in (("same-rules", fingerprint), ("other-rules", "0" * 32), ("no-claim", "")):
+        body = Batch(agent_id="a", batch_id=str(uuid.uuid4()), host="h", records=[rec(card, source=source)],
+                     redacted_with=claimed)
+        resp = await ingest(encode_batch(body))
+        assert resp.status == 200, await resp.text()
+    rows = {r["source"]: r["message"] for r in await stored(storage)}
+    assert rows == {"same-rules": card, "other-rules": "paid with [REDACTED:credit_card]",
+                    "no-claim": "paid with [REDACTED:credit_card]"}
