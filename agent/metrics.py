@@ -54,7 +54,8 @@ class AgentMetrics:
         counter("batches_dead_lettered_total", "Batches written to the dead-letter file.",
                 self.batches_dead_lettered)
         counter("retries_total", "Delivery attempts that will be retried.", self.retries)
-        counter("parse_errors_total", "Lines kept as plain records because they did not parse.",
+        counter("parse_errors_total", "Lines parsed here kept as plain records because they did not parse "
+                "(lines shipped as read are counted by the collector: logferry_ingest_parse_errors_total).",
                 self.parse_errors)
         counter("lines_truncated_total", "Lines cut at max_line.", self.lines_truncated)
         counter("files_lost_total", "Checkpointed files found gone at start with lines possibly unread.",
