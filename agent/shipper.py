@@ -122,6 +122,8 @@ class Shipper:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port
         self._path = parts.path
+        # Which collector pooled connections lead to (with the TLS settings).
+        self._key = (self.url, cfg.verify_tls, cfg.ca_file)
 
     async def __aenter__(self) -> Shipper:
         return self
@@ -142,10 +144,10 @@ class Shipper:
 
     def update(self, cfg: CollectorTarget) -> None:
         """Take a new token or URL (SIGHUP); connections to another URL are dropped."""
-        changed = (cfg.url, cfg.verify_tls, cfg.ca_file) != (self.cfg.url, self.cfg.verify_tls, self.cfg.ca_file)
+        before = self._key
         self.cfg = cfg
         self._target(cfg)
-        if changed:
+        if self._key != before:
             self._tls = None
             self._close_idle()
 
@@ -167,6 +169,7 @@ class Shipper:
 
     def _post(self, body: bytes, headers: dict[str, str]) -> _Answer:
         """One POST (blocking: runs in a worker thread)."""
+        target = self._key
         while True:
             conn, reused = self._connection()
             try:
@@ -181,8 +184,8 @@ class Shipper:
             except BaseException:
                 conn.close()
                 raise
-            if resp.will_close:
-                conn.close()
+            if resp.will_close or target != self._key:
+                conn.close()  # closed by the collector, or for a URL changed meanwhile (SIGHUP)
             else:
                 self._idle.put(conn)
             return _Answer(resp.status, resp.reason or "", resp.getheader("Retry-After"), data)

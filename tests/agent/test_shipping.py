@@ -221,3 +221,28 @@ async def test_zstd_level_is_configurable(tmp_path, stub, start_agent) -> None:
     assert set(stub.encodings) == {"zstd"}
     fast = zstandard.ZstdCompressor(level=-3).compress(b"x" * 100)
     assert running.agent._compress(b"x" * 100) == fast
+
+
+async def test_a_reload_to_another_collector_url_ships_there(tmp_path, stub, start_agent) -> None:
+    # Kept-alive connections lead to the old collector: none is used for the new URL.
+    other = IngestStub().start()
+    try:
+        source = src(tmp_path)
+        log = tmp_path / "logs" / "a.log"
+        write_lines(log, ["to the first"])
+        config_file = tmp_path / "agent.yaml"
+        data = {"agent": {"collector": {"url": stub.url, "token": "test-token"}, "state_dir": str(tmp_path / "state"),
+                          "sources": [source], "poll_interval": "20ms", "batch": {"max_wait": "30ms"}}}
+        config_file.write_text(json.dumps(data))
+        running = await start_agent(agent_config(tmp_path, stub.url, [source]))
+        running.agent.config_path = str(config_file)
+        await eventually(lambda: stub.messages() == ["to the first"])
+        data["agent"]["collector"]["url"] = other.url  # type: ignore[index]
+        config_file.write_text(json.dumps(data))
+        running.agent.request_reload()
+        await asyncio.sleep(0.2)
+        write_lines(log, [f"to the second {i}" for i in range(5)])
+        await eventually(lambda: len(other.messages()) == 5, what="lines at the new collector")
+        assert stub.messages() == ["to the first"]
+    finally:
+        other.stop()
