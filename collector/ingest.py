@@ -17,6 +17,7 @@ import datetime as dt
 import fnmatch
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from agent.redact import Redactor
 from agent.wire import (
     LINES_FEATURE,
     DecodedBatch,
+    Level,
     Record,
     WireError,
     decode_json_batch,
@@ -268,14 +270,38 @@ class RetentionPolicy:
         return days
 
 
+_LEVEL_NAMES = {level.name: level.name for level in Level}
+
+
+def _stored_time(value: object) -> str | None:
+    """The DateTime64(3) text of a record's timestamp, or None if it is not one.
+    The agent's usual form (``2026-12-01T10:00:00.123Z``) is checked and cut
+    as text; anything else goes through :func:`parse_timestamp`."""
+    if type(value) is str and _AGENT_TIME.fullmatch(value):
+        try:
+            parsed = _fromisoformat(value[:19])  # the calendar: month 13, February 30, hour 24
+        except ValueError:
+            return None
+        return f"{value[:10]} {value[11:23]}" if 1970 <= parsed.year <= 2261 else None
+    ts = parse_timestamp(value)
+    return None if ts is None else _ts(ts)
+
+
+_fromisoformat = dt.datetime.fromisoformat
+_AGENT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
+
+
 def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
     """A storable row for a record, or the reason it is rejected."""
-    ts = parse_timestamp(record.timestamp)
-    if ts is None:
+    stamp = _stored_time(record.timestamp)
+    if stamp is None:
         return None, "timestamp: not a valid RFC 3339 time or Unix epoch seconds"
-    level = parse_level(record.level)
-    if level is None:
-        return None, f"level: {record.level[:40]!r} is not one of DEBUG, INFO, WARN, ERROR, CRITICAL"
+    level_name = _LEVEL_NAMES.get(record.level) if type(record.level) is str else None
+    if level_name is None:
+        level = parse_level(record.level)
+        if level is None:
+            return None, f"level: {record.level[:40]!r} is not one of DEBUG, INFO, WARN, ERROR, CRITICAL"
+        level_name = level.name
     if not record.source or len(record.source) > 256:
         return None, "source: must be 1–256 characters"
     # At most 4 bytes a character: only long messages need encoding to be measured.
@@ -299,8 +325,8 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
     if record.duration_ms is not None and not (0 <= record.duration_ms < 1e12):
         return None, "duration_ms: must be a non-negative number"
     return {
-        "timestamp": _ts(ts),
-        "level": level.name,
+        "timestamp": stamp,
+        "level": level_name,
         "source": record.source,
         "message": record.message,
         "context": context,

@@ -304,3 +304,31 @@ async def test_a_batch_redacted_with_the_collectors_own_rules_is_not_redacted_ag
     rows = {r["source"]: r["message"] for r in await stored(storage)}
     assert rows == {"same-rules": card, "other-rules": "paid with [REDACTED:credit_card]",
                     "no-claim": "paid with [REDACTED:credit_card]"}
+
+
+def test_the_fast_timestamp_path_agrees_with_the_general_parser() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agent.wire import parse_timestamp
+    from collector.ingest import _stored_time, _ts
+
+    def general(value: object) -> str | None:
+        ts = parse_timestamp(value)
+        return None if ts is None else _ts(ts)
+
+    agent_form = st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2261, 12, 31)).map(
+        lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z")
+    shaped = st.tuples(st.text(min_size=10, max_size=10), st.text(min_size=8, max_size=8),
+                       st.text(min_size=3, max_size=3)).map(lambda t: f"{t[0]}T{t[1]}.{t[2]}Z")
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(agent_form, shaped, st.sampled_from([
+        "2026-13-01T10:00:00.000Z", "2026-02-30T10:00:00.000Z", "1969-12-31T23:59:59.999Z",
+        "2262-01-01T00:00:00.000Z", "2026-12-01T24:00:00.000Z", "2026-12-01T10:00:00.1a3Z",
+        "2026-12-01T10:00:00.١٢٣Z", "２０26-12-01T10:00:00.000Z", "2026-12-01T10-00-00.000Z",
+        "2026-12-01T10:00+00.000Z", "+026-12-01T10:00:00.000Z", "2026-12-01t10:00:00.000Z"])))
+    def agree(value: str) -> None:
+        assert _stored_time(value) == general(value)
+
+    agree()
