@@ -329,6 +329,8 @@ def migrate(storage: Storage, migrations: Iterable[Migration] | None = None) -> 
     for migration in migrations if migrations is not None else all_migrations():
         if migration.version in done:
             continue
+        # One line before, too: a migration that rebuilds a large table takes a while.
+        log.info("applying migration", extra={"version": migration.version, "migration": migration.name})
         for statement in migration.statements:
             storage.command_sync(statement)
         storage.insert_rows_sync("schema_migrations", [{"version": migration.version, "name": migration.name}])
