@@ -71,7 +71,8 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
         journaled = await asyncio.get_running_loop().run_in_executor(
             None, lambda: storage.attach_journal(folder, flush_interval=float(config.storage.journal_flush_interval),
                                                  remove_when_empty=tidy,
-                                                 max_unflushed_rows=config.storage.journal_max_unflushed_rows))
+                                                 max_unflushed_rows=config.storage.journal_max_unflushed_rows,
+                                                 logs=True, max_unflushed_logs=config.ingest.max_pending_rows))
         metrics = app.get(appkeys.METRICS)
         if journaled and metrics is not None:
             def journal_stat(name: str) -> Callable[[], float]:

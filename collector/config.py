@@ -27,16 +27,17 @@ class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: str = "logferry"
     # Upper bound of one read query on the server side.
     query_timeout: Duration = Duration(10.0)
-    # Folder of the local write-ahead journal that stores notifications, their deliveries and
-    # emails durably (fsync) before ClickHouse does; "" = beside the chDB folder
+    # Folder of the local write-ahead journal that stores logs, notifications, their deliveries
+    # and emails durably (fsync) before ClickHouse does; "" = beside the chDB folder
     # (<folder>-journal/<database>) or ./data/journal/<database> for a server; "off" = write
     # straight to ClickHouse.
     journal: str = ""
     # How long journaled rows may wait before the background flush inserts them into ClickHouse
     # (reads of those tables flush at once).
     journal_flush_interval: Duration = Duration(0.25)
-    # Rows stored in the journal but not yet in ClickHouse beyond which writes are refused
-    # (503 with Retry-After) until ClickHouse catches up: bounded memory while it is away.
+    # Rows of one table stored in the journal but not yet in ClickHouse beyond which writes
+    # are refused (503 with Retry-After) until ClickHouse catches up: bounded memory while it
+    # is away. Logs: ingest.max_pending_rows (429 with Retry-After).
     journal_max_unflushed_rows: int = 200_000
 
     def __post_init__(self) -> None:
@@ -55,9 +56,11 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body: ByteSize = ByteSize(16 * 1024 * 1024)
     # Largest body after zstd/gzip decompression (guards against bombs).
     max_decompressed: ByteSize = ByteSize(64 * 1024 * 1024)
-    # Each table is written at most this often; requests wait for their rows.
+    # Without the journal (storage.journal: off): logs are inserted at most this often, and
+    # requests wait for the insert of their rows.
     flush_interval: Duration = Duration(0.1)
-    # Rows waiting for a flush before ingest answers 429 with Retry-After.
+    # Rows waiting for ClickHouse (in the journal, or for a flush) before ingest answers 429
+    # with Retry-After.
     max_pending_rows: int = 500_000
 
 

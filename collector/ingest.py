@@ -1,13 +1,19 @@
 """``POST /v1/ingest``: decode, validate, redact, store, acknowledge.
 
-Rows from all requests are coalesced per table and written at most every
-``flush_interval`` (100 ms, the spec's write pattern; ClickHouse prefers few
-large inserts). A request is answered only after its rows are stored, so an
-acknowledged batch is durable; a ``batch_id`` already stored answers
-``duplicate: true`` and stores nothing again, across restarts too. The batch
-id is recorded by the same INSERT that stores the logs (a materialized view
-into ``ingest_batches``), so no crash can leave logs stored but their batch
-unknown.
+A request is answered only after its rows are stored, so an acknowledged
+batch is durable. "Stored" means appended to the collector's write-ahead
+journal and fsynced (collector.journal; ~1 ms), when the journal is on (the
+default): its flusher writes coalesced inserts into ClickHouse at most every
+``storage.journal_flush_interval``, and a log query first waits for the rows
+acknowledged before it (read-your-writes). With ``storage.journal: off``, rows
+from all requests are coalesced per table and inserted at most every
+``ingest.flush_interval`` (100 ms), and requests wait for that insert.
+
+A ``batch_id`` already stored answers ``duplicate: true`` and stores nothing
+again, across restarts too. The batch id is recorded by the same INSERT that
+stores the logs (a materialized view into ``ingest_batches``), so no crash can
+leave logs stored but their batch unknown, and the journal's replay after a
+crash skips the batches whose insert had happened (Storage.logs_not_stored).
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from collector.auth import requires
 from collector.config import TIERS, CollectorConfig, IngestConfig
 from collector.errors import json_error
 from collector.events import LOG
-from collector.storage import Storage
+from collector.journal import Journal, JournalFull
+from collector.storage import LOGS_TABLE, Storage
 
 log = logging.getLogger("logferry.collector.ingest")
 
@@ -165,7 +172,7 @@ class LogWriter:
     """Stores log rows and remembers stored batch ids."""
 
     def __init__(self, storage: Storage, config: IngestConfig):
-        self.logs = TableWriter(storage, "application_logs", interval=config.flush_interval,
+        self.logs = TableWriter(storage, LOGS_TABLE, interval=config.flush_interval,
                                 max_pending_rows=config.max_pending_rows)
         self.batches = TableWriter(storage, "ingest_batches", interval=config.flush_interval,
                                    max_pending_rows=1_000_000)
@@ -210,27 +217,52 @@ class LogWriter:
         for row in rows:
             row["ingested_at"] = text  # type: ignore[index]
 
+    @property
+    def journal(self) -> Journal | None:
+        """The write-ahead journal that stores log rows, if one is attached."""
+        journal = self.storage.journal
+        return journal if journal is not None and journal.journaled(LOGS_TABLE) else None
+
+    async def _store(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Stamp and store rows (the caller hands them over: they are not copied)."""
+        self.stamp(rows)
+        journal = self.journal
+        if journal is None:
+            await self.logs.write(rows)
+            return
+        if not all(row.get("batch_id") for row in rows):
+            # The journal's replay recognises stored rows by their batch id.
+            batch_id = f"collector-{uuid.uuid4().hex}"
+            for row in rows:
+                if not row.get("batch_id"):
+                    row["batch_id"] = batch_id  # type: ignore[index]
+        try:
+            await journal.write(LOGS_TABLE, rows, copy=False)
+        except JournalFull as exc:
+            raise Overloaded(str(exc)) from exc
+
     async def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Store log rows (no batch bookkeeping): for derived records."""
-        self.stamp(rows)
-        await self.logs.write(rows)
+        await self._store(rows)
 
-    async def write_batch(self, batch_id: str, agent_id: str, rows: Sequence[Mapping[str, Any]]) -> bool:
-        """Store a batch's rows once; False if the batch was already stored."""
+    async def write_batch(self, batch_id: str, agent_id: str, rows: Sequence[Mapping[str, Any]], *,
+                          checked: bool = False) -> bool:
+        """Store a batch's rows once; False if the batch was already stored.
+        ``checked``: the caller found the batch id unknown to storage (with
+        :meth:`already_stored`) just before; only a concurrent request with the
+        same id can have stored it since, and that one is remembered here."""
         if not batch_id:
-            self.stamp(rows)
-            await self.logs.write(rows)
+            await self._store(rows)
             return True
         lock = self._locks.setdefault(batch_id, asyncio.Lock())
         try:
             async with lock:
-                if await self.already_stored(batch_id):
+                if batch_id in self._seen or (not checked and await self.already_stored(batch_id)):
                     return False
                 if rows:
                     # The insert that stores the rows records the batch too
                     # (the ingest_batches_from_logs view, migration 16).
-                    self.stamp(rows)
-                    await self.logs.write(rows)
+                    await self._store(rows)
                 else:
                     # Every record rejected: remembered so a resend is a duplicate.
                     await self.batches.write([{
@@ -527,7 +559,7 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
         redactor = None
     rows, rejected = await build_rows_in_slices(batch, redactor, app[appkeys.RETENTION])
     try:
-        stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows)
+        stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows, checked=True)
     except Overloaded:
         metrics.inc("logferry_ingest_throttled_total")
         return json_error(429, "overloaded", "the collector is busy storing; retry later",

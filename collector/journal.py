@@ -53,11 +53,18 @@ log = logging.getLogger("logferry.journal")
 #: Tables that may go through the journal: each is a ReplacingMergeTree whose
 #: rows carry everything that decides which copy wins (the ``version`` column,
 #: or for email_idempotency an immutable key → email id), so replaying a record
-#: whose rows already reached ClickHouse changes nothing. Never add a plain
-#: MergeTree (email_events, logs): a replay would duplicate its rows.
+#: whose rows already reached ClickHouse changes nothing. A plain MergeTree
+#: (email_events) must not be added here: a replay would duplicate its rows.
 JOURNALED_TABLES: tuple[str, ...] = (
     "notifications", "notification_deliveries", "email_messages", "email_outbox", "email_idempotency",
 )
+
+#: A plain MergeTree may still be journaled when the journal is given a
+#: ``dedupe`` function for it: replay passes it the table's rows and inserts
+#: only those it returns (those not already in ClickHouse). application_logs
+#: is journaled so (collector.storage: every journaled log row carries a batch
+#: id, and the insert that stores a batch's rows records the id).
+Dedupe = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 _HEADER = struct.Struct("<II")
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -129,16 +136,20 @@ class Journal:
     def __init__(self, directory: str | os.PathLike[str], insert: Callable[[str, list[dict[str, Any]]], None], *,
                  tables: Iterable[str] = JOURNALED_TABLES, flush_interval: float = 0.25,
                  segment_bytes: int = 4 * 1024 * 1024, fsync: bool = True, remove_when_empty: bool = False,
-                 max_unflushed_rows: int = 200_000):
+                 max_unflushed_rows: int = 200_000, dedupe: Mapping[str, Dedupe] | None = None,
+                 table_limits: Mapping[str, int] | None = None):
         self.directory = Path(directory)
-        self.tables = frozenset(tables)
+        self.dedupe = dict(dedupe or {})
+        self.tables = frozenset(tables) | frozenset(self.dedupe)
         self._insert = insert
         self.flush_interval = flush_interval
         self.segment_bytes = segment_bytes
         self.fsync = fsync
-        #: Rows appended but not yet in ClickHouse beyond which writes are refused (:class:`JournalFull`).
+        #: Rows of one table appended but not yet in ClickHouse beyond which
+        #: writes are refused (:class:`JournalFull`); ``table_limits`` overrides it per table.
         self.max_unflushed_rows = max_unflushed_rows
-        self._unflushed_rows = 0
+        self.table_limits = dict(table_limits or {})
+        self._unflushed: dict[str, int] = {}
         #: On a clean close, remove the folder (and its parent, when empty too).
         self.remove_when_empty = remove_when_empty
         self._table_pattern = re.compile(r"\b(" + "|".join(sorted(self.tables, key=len, reverse=True)) + r")\b")
@@ -168,6 +179,8 @@ class Journal:
         self._flush_error: str | None = None
         self._left_unflushed = False
         self._rotate_requested = False
+        #: Recent inserts of the flusher: (table, rows, seconds), for metrics and benchmarks.
+        self.inserts: deque[tuple[str, int, float]] = deque(maxlen=2048)
         self.stats = {"records": 0, "rows": 0, "fsyncs": 0, "flushes": 0, "flushed_rows": 0,
                       "flush_failures": 0, "replayed_rows": 0, "ignored_bytes": 0}
 
@@ -207,23 +220,35 @@ class Journal:
         return sorted(p for p in self.directory.iterdir() if _SEGMENT.match(p.name))
 
     def _replay(self) -> int:
+        """Insert the rows of the segments a previous run left, one segment at
+        a time (memory stays bounded by a segment, not by the backlog), then
+        delete them. A crash during the replay replays again: harmless (see
+        :data:`JOURNALED_TABLES` and :data:`Dedupe`)."""
         segments = self._segments()
-        by_table: dict[str, list[dict[str, Any]]] = {}
+        total = 0
         for path in segments:
             records, ignored = read_segment(path.read_bytes())
             if ignored:
                 self.stats["ignored_bytes"] += ignored
                 log.warning("journal segment has a torn or corrupt tail; ignoring it (never acknowledged)",
                             extra={"segment": path.name, "bytes": ignored})
+            by_table: dict[str, list[dict[str, Any]]] = {}
             for table, rows in records:
+                if table not in self.tables:
+                    raise JournalError(f"the journal holds rows of {table!r}, which is not a journaled table")
                 by_table.setdefault(table, []).extend(rows)
-        total = 0
-        for table, rows in by_table.items():
-            if table not in self.tables:
-                raise JournalError(f"the journal holds rows of {table!r}, which is not a journaled table")
-            for start in range(0, len(rows), 50_000):
-                self._insert(table, rows[start:start + 50_000])
-            total += len(rows)
+            del records
+            for table, rows in by_table.items():
+                dedupe = self.dedupe.get(table)
+                if dedupe is not None:
+                    found = len(rows)
+                    rows = dedupe(rows)
+                    if found != len(rows):
+                        log.info("journal replay skipped rows already stored",
+                                 extra={"table": table, "rows": found - len(rows), "segment": path.name})
+                for start in range(0, len(rows), 50_000):
+                    self._insert(table, rows[start:start + 50_000])
+                total += len(rows)
         for path in segments:
             path.unlink()
         if segments:
@@ -268,10 +293,11 @@ class Journal:
                 raise JournalError("the journal is closed")
             if self._sync_error is not None:
                 raise JournalError(f"the journal cannot be written: {self._sync_error}")
-            if self._unflushed_rows and self._unflushed_rows + len(rows) > self.max_unflushed_rows:
-                raise JournalFull(f"{self._unflushed_rows} stored rows are waiting for ClickHouse (limit "
-                                  f"{self.max_unflushed_rows})" + (f"; last error: {self._flush_error}"
-                                                                   if self._flush_error else ""))
+            unflushed = self._unflushed.get(table, 0)
+            limit = self.table_limits.get(table, self.max_unflushed_rows)
+            if unflushed and unflushed + len(rows) > limit:
+                raise JournalFull(f"{unflushed} stored rows of {table} are waiting for ClickHouse (limit "
+                                  f"{limit})" + (f"; last error: {self._flush_error}" if self._flush_error else ""))
             view = memoryview(record)
             try:
                 while view:
@@ -285,7 +311,7 @@ class Journal:
             self._segment_size += len(record)
             self._waiters.items.append((seq, done))
             self._pending.setdefault(table, []).append((seq, rows))
-            self._unflushed_rows += len(rows)
+            self._unflushed[table] = unflushed + len(rows)
             self._last_seq[table] = seq
             if self._oldest_pending is None:
                 self._oldest_pending = time.monotonic()
@@ -294,8 +320,9 @@ class Journal:
             self.stats["rows"] += len(rows)
             self._sync_cond.notify()
 
-    async def write(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``rows`` of ``table``; returns once they are fsynced (stored)."""
+    async def write(self, table: str, rows: Sequence[Mapping[str, Any]], *, copy: bool = True) -> None:
+        """Append ``rows`` of ``table``; returns once they are fsynced (stored).
+        ``copy=False``: the caller hands the row dicts over and never changes them again."""
         if not rows:
             return
         loop = asyncio.get_running_loop()
@@ -311,7 +338,7 @@ class Journal:
         def done(error: BaseException | None) -> None:
             loop.call_soon_threadsafe(resolve, error)
 
-        self._append(table, [dict(r) for r in rows], done)
+        self._append(table, [dict(r) for r in rows] if copy else list(rows), done)  # type: ignore[arg-type]
         await future
 
     def write_sync(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -439,6 +466,7 @@ class Journal:
             failed = False
             for table, items in batches.items():
                 rows = [row for _, chunk in items for row in chunk]
+                started = time.perf_counter()
                 try:
                     self._insert(table, rows)
                 except Exception as exc:
@@ -453,10 +481,11 @@ class Journal:
                     log.error("journal flush into ClickHouse failed; retrying", extra={
                         "table": table, "rows": len(rows), "error": str(exc).splitlines()[0] if str(exc) else ""})
                     continue
+                self.inserts.append((table, len(rows), time.perf_counter() - started))
                 with self._lock:
                     self._in_flight.pop(table, None)
                     self._flushed_seq[table] = items[-1][0]
-                    self._unflushed_rows -= len(rows)
+                    self._unflushed[table] -= len(rows)
                     self._flush_error = None
                     self.stats["flushes"] += 1
                     self.stats["flushed_rows"] += len(rows)

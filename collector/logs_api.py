@@ -80,6 +80,7 @@ async def json_lines(storage: Storage, sql: str, params: dict[str, Any], setting
     logs (see :func:`select_json_sql`) or histogram counts."""
 
     def run() -> bytes:
+        storage.barrier(sql)  # logs acknowledged before this query, still in the journal, are inserted first
         return bytes(storage.client.raw_query(sql, parameters=params, settings=settings, fmt="TSVRaw"))
 
     raw = await storage.run(run)

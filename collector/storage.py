@@ -121,7 +121,7 @@ class Storage:
     def client(self) -> Client:
         return self._client
 
-    def _barrier(self, sql: str) -> None:
+    def barrier(self, sql: str) -> None:
         """Read-your-writes: rows acknowledged through the journal for a table
         this statement names are in ClickHouse before it runs."""
         journal = self.journal
@@ -131,7 +131,7 @@ class Storage:
     def query_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
                    settings: Mapping[str, Any] | None = None, *, barrier: bool = True) -> list[dict[str, Any]]:
         if barrier:
-            self._barrier(sql)
+            self.barrier(sql)
         result = self._client.query(sql, parameters=dict(parameters or {}), settings=dict(settings or {}))
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
@@ -139,13 +139,13 @@ class Storage:
     def query_json_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
                         settings: Mapping[str, Any] | None = None) -> bytes:
         """Raw ``FORMAT JSONEachRow`` bytes of a query (``sql`` must not name a format)."""
-        self._barrier(sql)
+        self.barrier(sql)
         return bytes(self._client.raw_query(sql + " FORMAT JSONEachRow", parameters=dict(parameters or {}),
                                             settings=dict(settings or {})))
 
     def command_sync(self, sql: str, parameters: Mapping[str, Any] | None = None,
                      settings: Mapping[str, Any] | None = None) -> Any:
-        self._barrier(sql)
+        self.barrier(sql)
         return self._client.command(sql, parameters=dict(parameters or {}) or None, settings=dict(settings or {}))
 
     def insert_rows_sync(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -200,7 +200,8 @@ class Storage:
     # --- the journal ------------------------------------------------------------
 
     def attach_journal(self, directory: str | os.PathLike[str], *, flush_interval: float = 0.25,
-                       remove_when_empty: bool = False, max_unflushed_rows: int = 200_000) -> bool:
+                       remove_when_empty: bool = False, max_unflushed_rows: int = 200_000,
+                       logs: bool = False, max_unflushed_logs: int = 500_000) -> bool:
         """Route the hot path's tables through a write-ahead journal in
         ``directory`` (replaying what a previous run left there first: call it
         after migrations, before anything reads). Several callers may attach
@@ -209,22 +210,43 @@ class Storage:
         straight to ClickHouse) when another process holds the folder.
         ``remove_when_empty``: remove the folder on a clean close (the default
         folder of an embedded store, which chDB's own lock keeps to one process).
-        ``max_unflushed_rows``: beyond it writes are refused (``JournalFull``)
-        until ClickHouse catches up, so memory stays bounded while it is away."""
+        ``max_unflushed_rows``: beyond it writes of a table are refused (``JournalFull``)
+        until ClickHouse catches up, so memory stays bounded while it is away.
+        ``logs``: journal application_logs too (``max_unflushed_logs`` rows at
+        most); its replay skips the batches already stored (:meth:`logs_not_stored`)."""
         with self._journal_lock:
             if self.journal is not None:
                 self._journal_users += 1
                 return True
             journal = Journal(directory, self.insert_direct_sync, flush_interval=flush_interval,
-                              remove_when_empty=remove_when_empty, max_unflushed_rows=max_unflushed_rows)
+                              remove_when_empty=remove_when_empty, max_unflushed_rows=max_unflushed_rows,
+                              dedupe={LOGS_TABLE: self.logs_not_stored} if logs else None,
+                              table_limits={LOGS_TABLE: max_unflushed_logs})
             try:
                 journal.open()
             except JournalLocked as exc:
-                log.warning("journal not used: %s; notifications and email are written straight to storage", exc)
+                log.warning("journal not used: %s; its tables are written straight to storage", exc)
                 return False
             self.journal = journal
             self._journal_users = 1
             return True
+
+    def logs_not_stored(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The log rows whose batch is not in ingest_batches yet (the journal's
+        replay of application_logs). The insert that stores a batch's rows
+        records its id (the ingest_batches_from_logs view), so a record the
+        flusher had inserted before a crash is recognised. Rows without a batch
+        id are kept (the collector gives every journaled row one)."""
+        ids = sorted({str(row.get("batch_id") or "") for row in rows} - {""})
+        stored: set[str] = set()
+        for start in range(0, len(ids), 10_000):
+            found = self.query_sync(
+                "SELECT DISTINCT batch_id FROM ingest_batches WHERE batch_id IN {ids:Array(String)}",
+                {"ids": ids[start:start + 10_000]}, barrier=False)
+            stored.update(r["batch_id"] for r in found)
+        if not stored:
+            return rows
+        return [row for row in rows if not row.get("batch_id") or row["batch_id"] not in stored]
 
     def detach_journal(self) -> None:
         with self._journal_lock:
@@ -256,6 +278,10 @@ class Storage:
             self._client.close()
         except Exception:  # noqa: S110 - closing a client that is already gone is fine
             pass
+
+
+#: The log table, journaled when :meth:`Storage.attach_journal` is asked to.
+LOGS_TABLE = "application_logs"
 
 
 def default_journal_dir(dsn: str, database: str) -> str:

@@ -220,8 +220,26 @@ async def test_concurrent_copies_of_one_batch_store_it_once(ingest, storage):
     assert len(await stored(storage)) == 50
 
 
-async def test_back_pressure_answers_429_with_retry_after(make_client, make_config, tokens):
-    client = await make_client(make_config(ingest={"max_pending_rows": 1}))
+async def test_back_pressure_answers_429_with_retry_after(make_client, make_config, tokens, chdb_dsn):
+    # Journaled (the default): the rows of the first batch wait for a flush a
+    # minute away; the next batch is refused until ClickHouse has them.
+    client = await make_client(make_config(ingest={"max_pending_rows": 3},
+                                           storage={"dsn": chdb_dsn, "database": "unused",
+                                                    "journal_flush_interval": "60s"}))
+    token = tokens.create("ingest")
+    resp = await client.post("/v1/ingest", data=encode_batch(batch([rec("a"), rec("b")])),
+                             headers={**MSGPACK, **tokens.headers(token)})
+    assert resp.status == 200, await resp.text()
+    resp = await client.post("/v1/ingest", data=encode_batch(batch([rec("c"), rec("d")])),
+                             headers={**MSGPACK, **tokens.headers(token)})
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"
+    assert "waiting for ClickHouse" not in await resp.text()  # the answer says what to do, not internals
+
+
+async def test_back_pressure_without_the_journal(make_client, make_config, tokens, chdb_dsn):
+    client = await make_client(make_config(ingest={"max_pending_rows": 1},
+                                           storage={"dsn": chdb_dsn, "database": "unused", "journal": "off"}))
     token = tokens.create("ingest")
     resp = await client.post("/v1/ingest", data=encode_batch(batch([rec("a"), rec("b")])),
                              headers={**MSGPACK, **tokens.headers(token)})

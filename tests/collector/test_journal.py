@@ -151,7 +151,7 @@ async def test_while_clickhouse_is_away_writes_are_refused_past_the_backlog_limi
     journal.open()
     for i in range(10):
         await journal.write("notifications", [{"id": i, "version": 1}])
-    with pytest.raises(JournalFull, match="10 stored rows are waiting for ClickHouse"):
+    with pytest.raises(JournalFull, match="10 stored rows of notifications are waiting for ClickHouse"):
         await journal.write("notifications", [{"id": 10, "version": 1}])
 
     # The HTTP answer to a refused write: 503 with Retry-After, no stack trace.
@@ -335,4 +335,118 @@ def test_a_collector_killed_before_flushing_loses_and_repeats_nothing(
         assert [(d["channel"].lower(), d["status"]) for d in got["deliveries"]] == [("email", "SENT")], got
     proc.stop()
     # A clean stop flushes everything and retires the segments.
+    assert segments(journal) == []
+
+
+# --- logs through the journal -------------------------------------------------------------------
+
+
+def _log_row(batch_id: str, i: int, message: str) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    return {"id": str(uuid.uuid4()), "timestamp": ch_time(now), "ingested_at": ch_time(now), "level": "INFO",
+            "source": "journal-test", "message": f"{message} {i}", "host": "h", "batch_id": batch_id,
+            "agent_id": "a", "retention_days": 30}
+
+
+def test_a_log_replay_skips_the_batches_whose_insert_happened(storage: Storage, tmp_path: Path) -> None:
+    """A crash after the flusher's insert but before the segment was retired:
+    application_logs is a plain MergeTree, so the replay must recognise the
+    batches already stored (their ids, recorded by the same insert) and
+    insert only the others — every log exactly once."""
+    stored_rows = [_log_row("batch-stored", i, "stored") for i in range(3)]
+    storage.insert_direct_sync("application_logs", stored_rows)
+    missing_rows = [_log_row("batch-missing", i, "missing") for i in range(2)]
+    (tmp_path / f"segment-{1:020d}.log").write_bytes(
+        encode_record("application_logs", stored_rows) + encode_record("application_logs", missing_rows))
+    journal = Journal(tmp_path, storage.insert_direct_sync, tables=(),
+                      dedupe={"application_logs": storage.logs_not_stored})
+    assert journal.open() == 2
+    journal.close()
+    counts = {r["batch_id"]: r["n"] for r in storage.query_sync(
+        "SELECT batch_id, count() AS n FROM application_logs GROUP BY batch_id")}
+    assert counts == {"batch-stored": 3, "batch-missing": 2}
+    # And the replayed batch is now known as stored, so a second replay of the same segment adds nothing.
+    (tmp_path / f"segment-{1:020d}.log").write_bytes(encode_record("application_logs", missing_rows))
+    journal = Journal(tmp_path, storage.insert_direct_sync, tables=(),
+                      dedupe={"application_logs": storage.logs_not_stored})
+    assert journal.open() == 0
+    journal.close()
+    assert storage.query_sync("SELECT count() AS n FROM application_logs")[0]["n"] == 5
+
+
+async def test_log_writes_are_acknowledged_from_the_journal_and_visible_to_queries_at_once(
+        make_client: Callable[..., Any], make_config: Callable[..., Any], tokens: Any, storage: Storage,
+        chdb_dsn: str) -> None:
+    from agent.wire import Batch, Record, encode_batch
+
+    client = await make_client(make_config(storage={"dsn": chdb_dsn, "database": "unused",
+                                                    "journal_flush_interval": "60s"}))
+    token = tokens.create("ingest")
+    admin = tokens.create("admin")
+    when = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+    records = [Record(timestamp=when, level="INFO", source="jr", message=f"journaled {i}") for i in range(3)]
+    body = encode_batch(Batch(agent_id="a1", batch_id="jb-1", host="h", records=records))
+    headers = {"Content-Type": "application/msgpack", **tokens.headers(token)}
+    resp = await client.post("/v1/ingest", data=body, headers=headers)
+    assert resp.status == 200 and (await resp.json())["accepted"] == 3
+    # Acknowledged with the rows in the journal only (the flush is a minute away).
+    assert storage.journal is not None and len(storage.journal.pending_rows("application_logs")) == 3
+    assert storage.query_sync("SELECT count() AS n FROM application_logs", barrier=False)[0]["n"] == 0
+    # A query waits for them: read-your-writes.
+    resp = await client.get("/v1/logs", params={"source": "jr", "start": "-1h"}, headers=tokens.headers(admin))
+    assert resp.status == 200
+    assert sorted(log["message"] for log in (await resp.json())["logs"]) == [f"journaled {i}" for i in range(3)]
+    # The resend of a journaled batch is a duplicate.
+    resp = await client.post("/v1/ingest", data=body, headers=headers)
+    assert (await resp.json())["duplicate"] is True
+    # Records sent without a batch id get one, so a replay can recognise them too.
+    line = {"timestamp": when, "level": "INFO", "source": "jr", "message": "no batch id"}
+    resp = await client.post("/v1/ingest", data=json.dumps(line).encode() + b"\n",
+                             headers={"Content-Type": "application/x-ndjson", **tokens.headers(token)})
+    assert (await resp.json())["accepted"] == 1, await resp.text()
+    [row] = await storage.query("SELECT batch_id FROM application_logs WHERE message = 'no batch id'")
+    assert row["batch_id"].startswith("collector-")
+
+
+def _ingest(url: str, token: str, batch_id: str, messages: list[str]) -> dict[str, Any]:
+    from agent.wire import Batch, Record, encode_batch
+
+    when = dt.datetime.now(dt.UTC).isoformat()
+    body = encode_batch(Batch(agent_id="a1", batch_id=batch_id, host="h", records=[
+        Record(timestamp=when, level="INFO", source="crash", message=m) for m in messages]))
+    req = urllib.request.Request(f"{url}/v1/ingest", data=body, method="POST", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        result: dict[str, Any] = json.loads(r.read())
+        return result
+
+
+def test_a_collector_killed_after_acknowledging_logs_stores_each_exactly_once(
+        collector_process_factory: Callable[..., Any], tmp_path: Path) -> None:
+    data = tmp_path / "collector" / "clickhouse"
+    proc = collector_process_factory({"storage": {"dsn": f"chdb://{data}", "journal_flush_interval": "60s"}})
+    ingest = proc.create_token("ingest", "journal-test")
+    admin = proc.create_token("admin", "journal-admin")
+    proc.start()
+    assert _ingest(proc.url, ingest, "crash-1", ["one", "two"])["accepted"] == 2
+    # A query flushes the first batch into ClickHouse (read-your-writes), but
+    # its record stays in the open segment: a replay finds it again.
+    status, got = _api(proc.url, admin, "GET", "/v1/logs?source=crash&start=-1h")
+    assert status == 200 and len(got["logs"]) == 2, got
+    assert _ingest(proc.url, ingest, "crash-2", ["three"])["accepted"] == 1
+    assert proc.proc is not None
+    proc.proc.kill()  # SIGKILL: the second batch is only in the journal
+    proc.proc.wait()
+    proc.proc = None
+    journal = Path(default_journal_dir(f"chdb://{data}", "logferry"))
+    assert sum(p.stat().st_size for p in segments(journal)) > 0
+
+    proc.start()
+    status, got = _api(proc.url, admin, "GET", "/v1/logs?source=crash&start=-1h&limit=100")
+    assert status == 200, got
+    assert sorted(log["message"] for log in got["logs"]) == ["one", "three", "two"]
+    # The agent's resend of either batch after the crash stores nothing again.
+    assert _ingest(proc.url, ingest, "crash-2", ["three"])["duplicate"] is True
+    assert _ingest(proc.url, ingest, "crash-1", ["one", "two"])["duplicate"] is True
+    proc.stop()
     assert segments(journal) == []
