@@ -382,6 +382,10 @@ class PipelineEngine:
     def subscriber(self, kind: str) -> Callable[[Sequence[Mapping[str, Any]]], None]:
         return lambda events: self.enqueue(kind, events)
 
+    def wants(self, kind: str) -> Callable[[], bool]:
+        """Whether a pipeline is triggered by ``kind`` now (the pipelines may be reloaded)."""
+        return lambda: kind in self._by_kind
+
     async def _dispatcher(self) -> None:
         while True:
             kind, events, arrived = await self._dispatch.get()

@@ -127,7 +127,8 @@ def _make_lifecycle(pipelines: list[Pipeline]) -> Any:
                 if count:
                     log.info("pipeline state rebuilt", extra={"pipeline": name, "replayed": count})
         events = app[appkeys.EVENTS]
-        unsubscribe = [events.subscribe(kind, engine.subscriber(kind)) for kind in EVENT_KINDS]
+        unsubscribe = [events.subscribe(kind, engine.subscriber(kind), wants=engine.wants(kind))
+                       for kind in EVENT_KINDS]
         erasures: set[asyncio.Task[None]] = set()
 
         def on_user_erased(batch: Sequence[Mapping[str, Any]]) -> None:
