@@ -78,7 +78,7 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
             def journal_stat(name: str) -> Callable[[], float]:
                 return lambda: float(storage.journal.stats[name]) if storage.journal is not None else 0.0
 
-            for name in ("records", "fsyncs", "flushes", "flush_failures", "replayed_rows"):
+            for name in ("records", "fsyncs", "flushes", "flush_failures", "replayed_rows", "rejected_rows"):
                 metrics.gauge(f"logferry_journal_{name}_total", journal_stat(name))
     yield
     if journaled:

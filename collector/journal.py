@@ -72,6 +72,22 @@ _SEGMENT = re.compile(r"^segment-(\d{20})\.log$")
 _MUTATION = re.compile(r"^\s*(DELETE|ALTER|TRUNCATE|DROP|OPTIMIZE)\b", re.IGNORECASE)
 
 
+#: Rows ClickHouse refused to parse, set aside (JSON lines) instead of blocking the table.
+REJECTED_FILE = "rejected.ndjson"
+_AT_ROW = re.compile(r"\(at row (\d+)\)")
+
+
+def bad_row(exc: BaseException, rows: int) -> int | None:
+    """The index of the row an insert's error blames, when it is a row that
+    could not be parsed (ClickHouse: ``… (at row N) … JSONEachRowRowInputFormat``)."""
+    text = str(exc)
+    match = _AT_ROW.search(text)
+    if match is None or "JSONEachRow" not in text:
+        return None
+    index = int(match.group(1)) - 1
+    return index if 0 <= index < rows else None
+
+
 class JournalError(RuntimeError):
     """The journal cannot take or flush writes; the message says why."""
 
@@ -182,7 +198,7 @@ class Journal:
         #: Recent inserts of the flusher: (table, rows, seconds), for metrics and benchmarks.
         self.inserts: deque[tuple[str, int, float]] = deque(maxlen=2048)
         self.stats = {"records": 0, "rows": 0, "fsyncs": 0, "flushes": 0, "flushed_rows": 0,
-                      "flush_failures": 0, "replayed_rows": 0, "ignored_bytes": 0}
+                      "flush_failures": 0, "replayed_rows": 0, "ignored_bytes": 0, "rejected_rows": 0}
 
     # --- opening -------------------------------------------------------------------
 
@@ -247,7 +263,7 @@ class Journal:
                         log.info("journal replay skipped rows already stored",
                                  extra={"table": table, "rows": found - len(rows), "segment": path.name})
                 for start in range(0, len(rows), 50_000):
-                    self._insert(table, rows[start:start + 50_000])
+                    self._insert_isolating(table, rows[start:start + 50_000])
                 total += len(rows)
         for path in segments:
             path.unlink()
@@ -466,9 +482,10 @@ class Journal:
             failed = False
             for table, items in batches.items():
                 rows = [row for _, chunk in items for row in chunk]
+                count = len(rows)
                 started = time.perf_counter()
                 try:
-                    self._insert(table, rows)
+                    self._insert_isolating(table, rows)
                 except Exception as exc:
                     failed = True
                     with self._lock:
@@ -481,14 +498,14 @@ class Journal:
                     log.error("journal flush into ClickHouse failed; retrying", extra={
                         "table": table, "rows": len(rows), "error": str(exc).splitlines()[0] if str(exc) else ""})
                     continue
-                self.inserts.append((table, len(rows), time.perf_counter() - started))
+                self.inserts.append((table, count, time.perf_counter() - started))
                 with self._lock:
                     self._in_flight.pop(table, None)
                     self._flushed_seq[table] = items[-1][0]
-                    self._unflushed[table] -= len(rows)
+                    self._unflushed[table] -= count
                     self._flush_error = None
                     self.stats["flushes"] += 1
-                    self.stats["flushed_rows"] += len(rows)
+                    self.stats["flushed_rows"] += count
                     self._flushed_cond.notify_all()
             self._retire()
             if failed:
@@ -503,6 +520,38 @@ class Journal:
                 time.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
             else:
                 failures = 0
+
+    def _insert_isolating(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows``; a row ClickHouse cannot parse (its error names the
+        row) is set aside in ``rejected.ndjson`` beside the segments and the
+        rest inserted, so one bad row never blocks the table's flushes (nor a
+        start-up replay) for good. Other errors are raised: the caller retries."""
+        rows = list(rows)
+        while rows:
+            try:
+                self._insert(table, rows)
+                return
+            except Exception as exc:
+                index = bad_row(exc, len(rows))
+                if index is None:
+                    raise
+                self._set_aside(table, rows.pop(index), exc)
+
+    def _set_aside(self, table: str, row: dict[str, Any], exc: BaseException) -> None:
+        error = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+        line = orjson.dumps({"table": table, "error": error, "at": time.time(), "row": row},
+                            default=_json_default) + b"\n"
+        path = self.directory / REJECTED_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line)
+            if self.fsync:
+                _datasync(fd)
+        finally:
+            os.close(fd)
+        self.stats["rejected_rows"] += 1
+        log.error("journal: ClickHouse refused a row; set aside, the others are stored",
+                  extra={"table": table, "file": str(path), "error": error})
 
     def _pending_any(self) -> bool:
         return any(self._pending.values())

@@ -450,3 +450,36 @@ def test_a_collector_killed_after_acknowledging_logs_stores_each_exactly_once(
     assert _ingest(proc.url, ingest, "crash-1", ["one", "two"])["duplicate"] is True
     proc.stop()
     assert segments(journal) == []
+
+
+async def test_a_row_clickhouse_cannot_parse_is_set_aside_and_never_blocks_the_table(
+        storage: Storage, tmp_path: Path) -> None:
+    journal = Journal(tmp_path, storage.insert_direct_sync, tables=(), flush_interval=0.01,
+                      dedupe={"application_logs": storage.logs_not_stored})
+    journal.open()
+    try:
+        good = [_log_row("bad-row-batch", i, "fine") for i in range(5)]
+        broken = {**_log_row("bad-row-batch", 9, "broken"), "level": "NOT-A-LEVEL"}
+        await journal.write("application_logs", [*good[:2], broken, *good[2:]])
+        await journal.write("application_logs", [_log_row("next-batch", 0, "after")])
+        await asyncio.get_running_loop().run_in_executor(None, journal.barrier, ["application_logs"])
+    finally:
+        journal.close()
+    messages = sorted(r["message"] for r in storage.query_sync("SELECT message FROM application_logs"))
+    assert messages == ["after 0", *[f"fine {i}" for i in range(5)]]
+    [line] = (tmp_path / "rejected.ndjson").read_text().splitlines()
+    rejected = json.loads(line)
+    assert rejected["table"] == "application_logs" and rejected["row"]["message"] == "broken 9"
+    assert "NOT-A-LEVEL" in rejected["error"]
+    assert journal.stats["rejected_rows"] == 1
+
+
+def test_a_bad_row_left_in_a_segment_does_not_stop_the_replay(storage: Storage, tmp_path: Path) -> None:
+    rows = [_log_row("replay-bad", 0, "kept"), {**_log_row("replay-bad", 1, "broken"), "timestamp": "never"}]
+    (tmp_path / f"segment-{1:020d}.log").write_bytes(encode_record("application_logs", rows))
+    journal = Journal(tmp_path, storage.insert_direct_sync, tables=(),
+                      dedupe={"application_logs": storage.logs_not_stored})
+    journal.open()
+    journal.close()
+    assert [r["message"] for r in storage.query_sync("SELECT message FROM application_logs")] == ["kept 0"]
+    assert "broken 1" in (tmp_path / "rejected.ndjson").read_text()
