@@ -104,9 +104,29 @@ async def run(batches: int, size: int, concurrency: int, paced_batches: int, jou
         writer.insert_seconds.clear()
         if journal is not None:
             journal.inserts.clear()
+        _, admin = await app[appkeys.TOKENS].create(kind="admin", name="bench-reader", created_by="bench")
+        query_latencies: list[float] = []
+        ingesting = True
+
+        async def reader(session: aiohttp.ClientSession) -> None:
+            # A dashboard polling the last 5 minutes while agents ship: with the
+            # journal, each query first waits for the logs acknowledged before it.
+            while ingesting:
+                started = time.perf_counter()
+                async with session.get(f"http://127.0.0.1:{port}/v1/logs",
+                                       params={"start": "-5m", "limit": "100", "level": "WARN"},
+                                       headers={"Authorization": f"Bearer {admin}"}) as r:
+                    await r.read()
+                    assert r.status == 200
+                query_latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.2)
+
         started = time.perf_counter()
         async with aiohttp.ClientSession() as session:
+            reading = asyncio.create_task(reader(session))
             await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+            ingesting = False
+            await reading
         elapsed = time.perf_counter() - started
         await storage.run(storage.barrier, "SELECT count() FROM application_logs")  # every row in ClickHouse
         elapsed_stored = time.perf_counter() - started
@@ -121,6 +141,9 @@ async def run(batches: int, size: int, concurrency: int, paced_batches: int, jou
               + ("acknowledged from the write-ahead journal (fsynced), inserted by its flusher"
                  if journal is not None else "acknowledged after the insert (storage.journal: off)"))
         print(f"request latency (ms): p50 {pct(latencies, 50) * 1000:.1f}  p99 {pct(latencies, 99) * 1000:.1f}")
+        print(f"a log query (last 5 min, level>=WARN, 100 rows) every 200 ms meanwhile (ms): "
+              f"p50 {pct(query_latencies, 50) * 1000:.1f}  p95 {pct(query_latencies, 95) * 1000:.1f}  "
+              f"(n={len(query_latencies)})")
         print(f"inserts: {len(inserts)} (coalesced, ~{total / max(1, len(inserts)):,.0f} rows each); "
               f"insert latency (ms): p50 {statistics.median(inserts):.1f}  p99 {pct(inserts, 99):.1f}")
         per_batch = [s / max(1, (total / len(inserts)) / size) for s in inserts]
