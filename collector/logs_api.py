@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,9 +43,16 @@ def cursor_secret(app: web.Application) -> bytes:
 
 
 def query_settings(app: web.Application) -> dict[str, Any]:
-    """ClickHouse settings of every read: the configured time limit."""
+    """ClickHouse settings of every read: the configured time limit, and data
+    files read through mmap. A page of logs reads a block of every column at
+    each of its ~100 scattered rows (~2,700 small reads on 10M logs); mmap
+    (files kept mapped by ClickHouse's mmap cache, dropped whenever parts are
+    removed) saves a pread and a copy out of the page cache each: for the
+    bench's rare word 21 MB copied -> 0 and 103 file opens -> 12 per query,
+    ~6 ms of 44 (measured on 2 cores); histograms and scans read the same."""
     timeout = app[appkeys.CONFIG].query.query_timeout
-    return {"max_execution_time": max(1, round(timeout)), "timeout_overflow_mode": "throw"}
+    return {"max_execution_time": max(1, round(timeout)), "timeout_overflow_mode": "throw",
+            "local_filesystem_read_method": "mmap", "min_bytes_to_use_mmap_io": 1}
 
 
 def parse_log_query(request: web.Request, **kwargs: Any) -> LogQuery:
@@ -75,13 +83,33 @@ def storage_error(exc: Exception, timeout: float) -> ApiError:
     return ApiError(503, "storage_unavailable", "storage did not answer the query; retry later")
 
 
+def settings_clause(settings: dict[str, Any]) -> str:
+    """``settings`` as a query's own ``SETTINGS`` clause (names and values are
+    ours: numbers and plain words). Passed beside the query instead, chDB's
+    client applies each with ``SET`` and restores it after: a query of
+    system.settings and four SETs more per read, ~3 ms (measured on 2 cores)."""
+    parts = []
+    for name, value in settings.items():
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise ValueError(f"bad setting name {name!r}")
+        if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.]*", value):
+            parts.append(f"{name} = '{value}'")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{name} = {value!r}")
+        else:
+            raise ValueError(f"bad value for setting {name}: {value!r}")
+    return " SETTINGS " + ", ".join(parts) if parts else ""
+
+
 async def json_lines(storage: Storage, sql: str, params: dict[str, Any], settings: dict[str, Any]) -> list[bytes]:
     """The output lines of a query in ``FORMAT TSVRaw`` (unescaped): rendered
-    logs (see :func:`select_json_sql`) or histogram counts."""
+    logs (see :func:`select_json_sql`) or histogram counts. ``settings``
+    become the query's SETTINGS clause (``sql`` must not have one)."""
+    full = sql + settings_clause(settings)
 
     def run() -> bytes:
         storage.barrier(sql)  # logs acknowledged before this query, still in the journal, are inserted first
-        return bytes(storage.client.raw_query(sql, parameters=params, settings=settings, fmt="TSVRaw"))
+        return bytes(storage.client.raw_query(full, parameters=params, fmt="TSVRaw"))
 
     raw = await storage.run(run)
     return raw.split(b"\n")[:-1] if raw else []

@@ -390,3 +390,22 @@ async def test_a_repeated_sparse_search_skips_the_windows_it_could_not_fill(
         assert await search(q="deadlock", limit=10) == (["deadlock detected"] * 3, 3)
     finally:
         client.raw_query = original
+
+
+async def test_read_settings_ride_in_the_query_itself(storage):
+    """A read's settings are its own SETTINGS clause (chDB's client would
+    otherwise SET and restore each around the query), they apply, and they
+    do not outlive it."""
+    from collector.logs_api import json_lines, settings_clause
+
+    assert settings_clause({}) == ""
+    assert (settings_clause({"max_execution_time": 5, "timeout_overflow_mode": "throw"})
+            == " SETTINGS max_execution_time = 5, timeout_overflow_mode = 'throw'")
+    for bad in ({"max_threads = 1, readonly": 1}, {"max_threads": "1'"}, {"max_threads": None},
+                {"max_threads": True}):
+        with pytest.raises(ValueError):
+            settings_clause(bad)
+    sql = "SELECT number FROM numbers(10)"
+    with pytest.raises(Exception, match=r"TOO_MANY_ROWS|[Ll]imit for result"):
+        await json_lines(storage, sql, {}, {"max_result_rows": 2, "result_overflow_mode": "throw"})
+    assert await json_lines(storage, sql, {}, {}) == [str(n).encode() for n in range(10)]
