@@ -152,7 +152,7 @@ class Storage:
         if not rows:
             return
         journal = self.journal
-        if journal is not None and journal.journaled(table):
+        if journal is not None and journal.journaled(table) and table != LOGS_TABLE:
             journal.write_sync(table, rows)
             return
         self.insert_direct_sync(table, rows)
@@ -188,11 +188,13 @@ class Storage:
 
     async def insert_rows(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Store rows: through the journal for a journaled table (returns once
-        fsynced there), else one insert into ClickHouse."""
+        fsynced there), else one insert into ClickHouse. Logs are journaled
+        only by collector.ingest.LogWriter, which gives each row the batch id
+        a replay needs; here they are inserted."""
         if not rows:
             return
         journal = self.journal
-        if journal is not None and journal.journaled(table):
+        if journal is not None and journal.journaled(table) and table != LOGS_TABLE:
             await journal.write(table, rows)
             return
         await self.run(self.insert_direct_sync, table, rows)
