@@ -307,8 +307,10 @@ _LEVEL_NAMES = {level.name: level.name for level in Level}
 
 def _stored_time(value: object) -> str | None:
     """The DateTime64(3) text of a record's timestamp, or None if it is not one.
-    The agent's usual form (``2026-12-01T10:00:00.123Z``) is checked and cut
-    as text; anything else goes through :func:`parse_timestamp`."""
+    The agent's usual form (``2026-12-01T10:00:00.123Z``) and Python's UTC
+    isoformat (``…:00.123456+00:00``) are checked and cut as text (to the
+    millisecond, as the general path does); anything else goes through
+    :func:`parse_timestamp`."""
     if type(value) is str and _AGENT_TIME.fullmatch(value):
         try:
             parsed = _fromisoformat(value[:19])  # the calendar: month 13, February 30, hour 24
@@ -320,7 +322,8 @@ def _stored_time(value: object) -> str | None:
 
 
 _fromisoformat = dt.datetime.fromisoformat
-_AGENT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
+# The agent's form, and Python's isoformat() of an aware UTC time (what SDKs send).
+_AGENT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:\d{3})?(?:Z|\+00:00)", re.ASCII)
 
 
 def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:

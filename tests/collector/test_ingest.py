@@ -337,11 +337,17 @@ def test_the_fast_timestamp_path_agrees_with_the_general_parser() -> None:
 
     agent_form = st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2261, 12, 31)).map(
         lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z")
+    python_form = st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2261, 12, 31),
+                               timezones=st.just(dt.UTC)).map(lambda d: d.isoformat(timespec="microseconds"))
+    offsets = st.tuples(agent_form, st.sampled_from(["+00:00", "+01:00", "-00:00", "+0000", "Z"])).map(
+        lambda t: t[0][:-1] + t[1])
     shaped = st.tuples(st.text(min_size=10, max_size=10), st.text(min_size=8, max_size=8),
                        st.text(min_size=3, max_size=3)).map(lambda t: f"{t[0]}T{t[1]}.{t[2]}Z")
 
     @settings(max_examples=400, deadline=None)
-    @given(st.one_of(agent_form, shaped, st.sampled_from([
+    @given(st.one_of(agent_form, python_form, offsets, shaped, st.sampled_from([
+        "2026-12-01T10:00:00.123456+00:00", "2026-12-01T10:00:00.999999Z", "2026-12-01T10:00:00.12345+00:00",
+        "2026-12-01T10:00:00.123+00:00x", "2026-12-01T10:00:00.1234567+00:00",
         "2026-13-01T10:00:00.000Z", "2026-02-30T10:00:00.000Z", "1969-12-31T23:59:59.999Z",
         "2262-01-01T00:00:00.000Z", "2026-12-01T24:00:00.000Z", "2026-12-01T10:00:00.1a3Z",
         "2026-12-01T10:00:00.١٢٣Z", "２０26-12-01T10:00:00.000Z", "2026-12-01T10-00-00.000Z",
