@@ -31,7 +31,7 @@ from aiohttp import web
 from agent.configfile import convert
 from agent.wire import Batch, Record, encode_batch
 from collector import appkeys
-from collector.app import create_app
+from collector.app import create_app, tune_gc
 from collector.config import CollectorConfig
 
 SECRET = "bench-secret-key-0123456789abcdef0123456789"
@@ -76,6 +76,7 @@ async def run(batches: int, size: int, concurrency: int, paced_batches: int, jou
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        tune_gc()  # as `logferry-collector serve` does
         _, token = await app[appkeys.TOKENS].create(kind="ingest", name="bench", created_by="bench")
         print(f"encoding {batches} batches of {size} records ...", flush=True)
         bodies = make_batches(batches, size)

@@ -8,6 +8,7 @@ resource) and background tasks are cancelled and awaited on shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from collector.events import EventBus
 from collector.ingest import LogWriter, RetentionPolicy, handle_ingest
 from collector.metrics import Metrics
 from collector.schema import migrate
-from collector.storage import Storage, default_journal_dir, is_embedded, open_storage
+from collector.storage import LOGS_TABLE, Storage, default_journal_dir, is_embedded, open_storage
 
 log = logging.getLogger("logferry.collector")
 
@@ -106,7 +107,10 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
     writer.start()
     app[appkeys.LOG_WRITER] = writer
     metrics = app[appkeys.METRICS]
-    metrics.gauge("logferry_ingest_pending_rows", lambda: writer.logs.pending_rows)
+    metrics.gauge("logferry_ingest_pending_rows", lambda: (
+        writer.journal.unflushed(LOGS_TABLE) if writer.journal is not None else writer.logs.pending_rows))
+    metrics.gauge("logferry_gc_collections_total", lambda: sum(g["collections"] for g in gc.get_stats()))
+    metrics.gauge("logferry_gc_frozen_objects", gc.get_freeze_count)
     yield
     await writer.stop()
 
@@ -165,3 +169,25 @@ def create_app(config: CollectorConfig, *, storage: Storage | None = None) -> we
     for name in FEATURES:
         importlib.import_module(name).setup(app)
     return app
+
+
+#: Young-generation threshold of the serving process (Python's default: 700).
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for the serving process, called once it is set up.
+
+    Ingest allocates a few container objects per log (records, rows, tags)
+    and keeps many alive for a while (rows waiting in the journal), so with
+    Python's defaults the collector spent ~25% of its time collecting: 1.1-1.3
+    s per 200k ingested logs, ~1,190 collections of which 9 full ones scanning
+    every object since start-up (measured in-process like bench_ingest, 4
+    connections). Freezing what start-up made (modules, config, the app) keeps
+    it out of every later collection, and a young generation of 50,000
+    objects makes collections rare: 0.12-0.17 s in 3-4 collections, none full,
+    and ~35% more logs per second. Cyclic garbage still goes, within 50,000
+    allocations."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)

@@ -39,7 +39,7 @@ def _print_errors(exc: ConfigInvalid) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from collector.app import create_app
+    from collector.app import create_app, tune_gc
     from collector.logsetup import configure_logging
 
     config = _load(args.config)
@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {exc}") from None
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         await site.start()
+        tune_gc()
         log.info("collector listening", extra={"listen": config.listen, "storage": config.storage.dsn.split("@")[-1]})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -634,6 +634,11 @@ class Journal:
         self.barrier(self.tables, max(0.1, deadline - time.monotonic()))
         self._retire()
 
+    def unflushed(self, table: str) -> int:
+        """How many rows of ``table`` are stored here but not yet in ClickHouse."""
+        with self._lock:
+            return self._unflushed.get(table, 0)
+
     def pending_rows(self, table: str) -> list[dict[str, Any]]:
         """Rows of ``table`` appended but not yet known to be in ClickHouse."""
         with self._lock:

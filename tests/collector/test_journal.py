@@ -429,11 +429,18 @@ def test_a_collector_killed_after_acknowledging_logs_stores_each_exactly_once(
     admin = proc.create_token("admin", "journal-admin")
     proc.start()
     assert _ingest(proc.url, ingest, "crash-1", ["one", "two"])["accepted"] == 2
-    # A query flushes the first batch into ClickHouse (read-your-writes), but
-    # its record stays in the open segment: a replay finds it again.
+    # A page finds the first batch in the journal (merged, no flush) ...
     status, got = _api(proc.url, admin, "GET", "/v1/logs?source=crash&start=-1h")
     assert status == 200 and len(got["logs"]) == 2, got
+    # ... a histogram waits for it to reach ClickHouse (read-your-writes), but
+    # its record stays in the open segment: a replay finds it again.
+    status, got = _api(proc.url, admin, "GET", "/v1/logs/histogram?source=crash&start=-1h&interval=1h")
+    assert status == 200 and sum(sum(b["counts"].values()) for b in got["buckets"]) == 2, got
     assert _ingest(proc.url, ingest, "crash-2", ["three"])["accepted"] == 1
+    with urllib.request.urlopen(f"{proc.url}/metrics", timeout=10) as r:
+        metrics = dict(line.split(" ", 1) for line in r.read().decode().splitlines() if not line.startswith("#"))
+    assert float(metrics["logferry_ingest_pending_rows"]) == 1  # the second batch waits in the journal
+    assert float(metrics["logferry_gc_frozen_objects"]) > 10_000  # `serve` tuned the collector's GC (app.tune_gc)
     assert proc.proc is not None
     proc.proc.kill()  # SIGKILL: the second batch is only in the journal
     proc.proc.wait()
