@@ -105,6 +105,7 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
     writer = LogWriter(app[appkeys.STORAGE], app[appkeys.CONFIG].ingest)
     writer.start()
+    await writer.preload()
     app[appkeys.LOG_WRITER] = writer
     metrics = app[appkeys.METRICS]
     metrics.gauge("logferry_ingest_pending_rows", lambda: (

@@ -168,6 +168,10 @@ class TableWriter:
             self._pending_rows -= len(rows)
 
 
+#: Batch ids a collector remembers as stored (the most recent ones).
+SEEN_MAX = 200_000
+
+
 class LogWriter:
     """Stores log rows and remembers stored batch ids."""
 
@@ -191,12 +195,30 @@ class LogWriter:
 
     def _remember(self, batch_id: str) -> None:
         self._seen[batch_id] = None
-        if len(self._seen) > 200_000:
+        if len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
 
+    async def preload(self, window: float = 3600.0) -> int:
+        """Remember the batch ids stored in the last ``window`` seconds (at
+        most the memory's size), so that an agent resending after a restart of
+        this collector is told ``duplicate`` without a storage lookup."""
+        rows = await self.storage.query(
+            "SELECT batch_id FROM ingest_batches WHERE received_at >= now64(3) - toIntervalSecond({w:UInt32}) "
+            "ORDER BY received_at LIMIT {n:UInt32}", {"w": int(window), "n": SEEN_MAX})
+        for row in rows:
+            self._remember(row["batch_id"])
+        return len(rows)
+
     async def already_stored(self, batch_id: str) -> bool:
+        """Whether the batch is stored. With the journal this asks memory only:
+        its flusher skips the rows of batches already in ClickHouse
+        (Storage.logs_not_stored), so a batch resent after this collector's
+        memory forgot it is still stored once, without a storage round trip on
+        every request (~3.5 ms, and a wait behind any running insert)."""
         if batch_id in self._seen:
             return True
+        if self.journal is not None:
+            return False
         rows = await self.storage.query(
             "SELECT 1 AS found FROM ingest_batches WHERE batch_id = {b:String} LIMIT 1", {"b": batch_id}
         )

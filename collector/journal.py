@@ -60,8 +60,8 @@ JOURNALED_TABLES: tuple[str, ...] = (
 )
 
 #: A plain MergeTree may still be journaled when the journal is given a
-#: ``dedupe`` function for it: replay passes it the table's rows and inserts
-#: only those it returns (those not already in ClickHouse). application_logs
+#: ``dedupe`` function for it: every flush and the replay pass it the table's
+#: rows and insert only those it returns (those not already in ClickHouse). application_logs
 #: is journaled so (collector.storage: every journaled log row carries a batch
 #: id, and the insert that stores a batch's rows records the id).
 Dedupe = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
@@ -198,7 +198,8 @@ class Journal:
         #: Recent inserts of the flusher: (table, rows, seconds), for metrics and benchmarks.
         self.inserts: deque[tuple[str, int, float]] = deque(maxlen=2048)
         self.stats = {"records": 0, "rows": 0, "fsyncs": 0, "flushes": 0, "flushed_rows": 0,
-                      "flush_failures": 0, "replayed_rows": 0, "ignored_bytes": 0, "rejected_rows": 0}
+                      "flush_failures": 0, "replayed_rows": 0, "ignored_bytes": 0, "rejected_rows": 0,
+                      "skipped_rows": 0}
 
     # --- opening -------------------------------------------------------------------
 
@@ -485,6 +486,10 @@ class Journal:
                 count = len(rows)
                 started = time.perf_counter()
                 try:
+                    dedupe = self.dedupe.get(table)
+                    if dedupe is not None:
+                        rows = dedupe(rows)
+                        self.stats["skipped_rows"] += count - len(rows)
                     self._insert_isolating(table, rows)
                 except Exception as exc:
                     failed = True

@@ -234,11 +234,12 @@ class Storage:
             return True
 
     def logs_not_stored(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The log rows whose batch is not in ingest_batches yet (the journal's
-        replay of application_logs). The insert that stores a batch's rows
-        records its id (the ingest_batches_from_logs view), so a record the
-        flusher had inserted before a crash is recognised. Rows without a batch
-        id are kept (the collector gives every journaled row one)."""
+        """The log rows whose batch is not in ingest_batches yet, each id once
+        (the journal's flushes and replay of application_logs). The insert that
+        stores a batch's rows records its id (the ingest_batches_from_logs
+        view), so a batch resent after the collector forgot it, or a record the
+        flusher had inserted before a crash, is recognised. Rows without a
+        batch id are kept (the collector gives every journaled row one)."""
         ids = sorted({str(row.get("batch_id") or "") for row in rows} - {""})
         stored: set[str] = set()
         for start in range(0, len(ids), 10_000):
@@ -246,9 +247,19 @@ class Storage:
                 "SELECT DISTINCT batch_id FROM ingest_batches WHERE batch_id IN {ids:Array(String)}",
                 {"ids": ids[start:start + 10_000]}, barrier=False)
             stored.update(r["batch_id"] for r in found)
-        if not stored:
-            return rows
-        return [row for row in rows if not row.get("batch_id") or row["batch_id"] not in stored]
+        out = []
+        ids: set[Any] = set()
+        for row in rows:
+            if row.get("batch_id") and row["batch_id"] in stored:
+                continue
+            # A batch journaled twice before either reached ClickHouse: its rows have the same ids.
+            key = row.get("id")
+            if key is not None:
+                if key in ids:
+                    continue
+                ids.add(key)
+            out.append(row)
+        return out
 
     def detach_journal(self) -> None:
         with self._journal_lock:

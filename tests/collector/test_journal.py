@@ -490,3 +490,37 @@ def test_a_bad_row_left_in_a_segment_does_not_stop_the_replay(storage: Storage, 
     journal.close()
     assert [r["message"] for r in storage.query_sync("SELECT message FROM application_logs")] == ["kept 0"]
     assert "broken 1" in (tmp_path / "rejected.ndjson").read_text()
+
+
+async def test_a_batch_resent_after_the_collector_forgot_it_is_stored_once(
+        make_client: Callable[..., Any], make_config: Callable[..., Any], tokens: Any, storage: Storage,
+        chdb_dsn: str) -> None:
+    """Ingest asks memory only whether a batch is stored (no storage round trip
+    per request); the journal's flush skips batches already in ClickHouse, and
+    a restarted collector remembers the last hour's batches."""
+    from agent.wire import Batch, Record, encode_batch
+    from collector import appkeys
+
+    config = make_config(storage={"dsn": chdb_dsn, "database": "unused", "journal_flush_interval": "50ms"})
+    client = await make_client(config)
+    headers = {"Content-Type": "application/msgpack", **tokens.headers(tokens.create("ingest"))}
+    when = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+    body = encode_batch(Batch(agent_id="a1", batch_id="forgotten", host="h", records=[
+        Record(timestamp=when, level="INFO", source="resend", message=f"line {i}") for i in range(3)]))
+
+    async def count() -> int:
+        rows = await storage.query("SELECT count() AS n FROM application_logs WHERE source = 'resend'")
+        return int(rows[0]["n"])
+
+    assert (await (await client.post("/v1/ingest", data=body, headers=headers)).json())["accepted"] == 3
+    assert await count() == 3
+    writer = client.server.app[appkeys.LOG_WRITER]
+    writer._seen.clear()  # as if it had been pushed out of memory
+    answer = await (await client.post("/v1/ingest", data=body, headers=headers)).json()
+    assert answer["duplicate"] is False  # memory no longer knows it ...
+    assert await count() == 3  # ... but the flush found it stored and skipped it
+    assert storage.journal is not None and storage.journal.stats["skipped_rows"] >= 3
+    # A collector started afterwards knows the recent batches from storage.
+    restarted = await make_client(config)
+    answer = await (await restarted.post("/v1/ingest", data=body, headers=headers)).json()
+    assert answer["duplicate"] is True
