@@ -248,16 +248,16 @@ class Storage:
                 {"ids": ids[start:start + 10_000]}, barrier=False)
             stored.update(r["batch_id"] for r in found)
         out = []
-        ids: set[Any] = set()
+        row_ids: set[Any] = set()
         for row in rows:
             if row.get("batch_id") and row["batch_id"] in stored:
                 continue
             # A batch journaled twice before either reached ClickHouse: its rows have the same ids.
             key = row.get("id")
             if key is not None:
-                if key in ids:
+                if key in row_ids:
                     continue
-                ids.add(key)
+                row_ids.add(key)
             out.append(row)
         return out
 
