@@ -67,12 +67,15 @@ class _Scanner:
         raw = getattr(regex, "_regexp", None)
         self._match: Any = getattr(raw, "Match", None) if _UNANCHORED is not None else None
 
-    def spans(self, data: bytes, pos: int = 0) -> Any:
+    def spans(self, data: bytes, pos: int = 0, end: int | None = None) -> Any:
+        """The spans of the first match in ``data[pos:end]``."""
+        if end is None:
+            end = len(data)
         match = self._match
         if match is not None:
-            found = match(_UNANCHORED, data, pos, len(data))
+            found = match(_UNANCHORED, data, pos, end)
             return None if found[0] == _NO_MATCH else found
-        m = self._regex.search(data, pos)
+        m = self._regex.search(data, pos, end)
         return None if m is None else [m.span(i) for i in range(self._regex.groups + 1)]
 
 
@@ -83,7 +86,10 @@ _LUHN_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}.__g
 
 
 def luhn_valid(digits: str) -> bool:
-    """The Luhn checksum of a string of digits."""
+    """The Luhn checksum of a string of digits (any script's: ``\\d`` in a
+    text pattern matches "١٢٣" too, and a crash here would stop the reader)."""
+    if not digits.isascii():
+        digits = "".join(str(int(c)) for c in digits)
     return (sum(map(int, digits[-1::-2])) + sum(map(_LUHN_DOUBLED, digits[-2::-2]))) % 10 == 0
 
 
@@ -160,6 +166,8 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     texts = _DIGIT_GROUP.findall(run)
     if len(texts) == 1:  # the common case: no separators
         return [(0, len(run))] if is_card_number(run) else []
+    if is_card_number("".join(texts)):  # the whole run: what the search below tries first
+        return [(0, len(run))]
     # Offsets: groups are separated by exactly one character.
     starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
     counts = list(accumulate(map(len, texts), initial=0))  # digits before group k
@@ -194,7 +202,7 @@ class _CardRule(_Rule):
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
         # (54538532-8470-7646-…): a window inside a UUID is not a card.
-        uuids = [u.span() for u in _UUID.finditer(text)] if "-" in text else []
+        uuids = [u.span() for u in _UUID.finditer(text)] if text.count("-") >= 4 else []
 
         def sub(m: Any) -> str:
             run = m.group(0)
@@ -310,7 +318,8 @@ _SECRETS = "|".join(
 _SECRETS_PREFILTER = (
     r"PRIVATE KEY|eyJ|(?i:bearer|basic|token|passw|pwd|secret|api.?key|apikey|private|access.?key)"
     r"|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|gh[pousr]_|github_pat_|xox[abprs]-|k_live_|k_test_|AIza"
-    r"|://[^\s/:@]+:[^\s/@]+@"
+    # "\/" is JSON's escaped slash: the prefilter also runs on lines as read
+    r"|:\\?/\\?/[^\s/:@]+:[^\s/@]+@"
 )
 
 
@@ -341,6 +350,45 @@ _json_encode = msgspec.json.Encoder().encode
 _DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d)*")
 _SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
+# Rules none of whose matches can start inside a run of digits (past its first
+# character): a dismissed run is then skipped whole.
+_RUN_SAFE_RULES = frozenset({"secrets", "ssn", "credit_card", "email"})
+_UUID_AT = re.compile(rb"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# What may follow a quoted UUID for the UUID to end its token, in the text as
+# decoded too: ASCII, neither hex nor "-" (nor "\", which may start an escape).
+_TOKEN_END = frozenset(c for c in range(128) if chr(c) not in "0123456789ABCDEFabcdef-\\")
+
+
+def _rule_set(patterns: list[str]) -> Any:
+    """An RE2 set of ``patterns`` (``Match(data)``: the indexes of those that
+    match), or ``None`` if the binding has none or one does not compile."""
+    set_type = getattr(getattr(re2, "_re2", None), "Set", None)
+    if set_type is None or _UNANCHORED is None or not patterns:
+        return None
+    try:
+        rules = set_type(_UNANCHORED, _OPTIONS)
+        for index, pattern in enumerate(patterns):
+            if rules.Add(pattern.encode()) != index:
+                return None
+        return rules if rules.Compile() else None
+    except Exception:  # a binding whose Set works otherwise: the prefilters, one by one
+        return None
+
+
+def _in_uuid_token(data: bytes, start: int, run_end: int) -> bool:
+    """Whether the digit run ``data[start:run_end]`` lies inside a UUID that
+    directly follows a double quote and ends its token (``"5d9dc9f8-1818-e811-892f-902bd23f0824"``).
+    The card rule's search for UUIDs (left to right, in the decoded text) then
+    finds that UUID, since no match before the quote can reach into it, so no
+    card window of the run is outside a UUID; an SSN does not fit in a UUID's
+    groups. Anywhere else (or in doubt): ``False``."""
+    quote = data.rfind(b'"', start - 36 if start > 36 else 0, start)
+    if quote < 0:
+        return False
+    token = quote + 1
+    after = token + 36
+    return (run_end <= after < len(data) and data[after] in _TOKEN_END
+            and _UUID_AT.match(data, token) is not None)
 
 
 def _normalise_key(key: str) -> str:
@@ -373,13 +421,18 @@ class Redactor:
         self._key_suffixes = tuple("_" + k for k in self._keys)
         for name in self._modes:
             self.counts[name] = 0
+        # Which rules' prefilters match a text, in one pass (see redact_text).
+        self._rule_set = _rule_set([r.prefilter for r in self._rules])
         parts = [f"(?:{r.prefilter})" for r in self._rules]
-        # Key names make a line worth a look too (context keys), and escaped
-        # digits (\u0034) could hide a number from the digit patterns.
+        # Key names make a line worth a look too (context keys), and JSON's
+        # escapes could hide what the rules find in the decoded text: digits
+        # and letters (\u0034, \u0061), separators of cards and SSNs (\u0020,
+        # \u002d), dots and slashes (\u002e, \u002f), and an escape ending in
+        # a digit glued to a number ("\u00e94111…" is "é4111…", not "94111…").
         key_words = sorted({k for k in self._keys} | {k.replace("_", "-") for k in self._keys})
         if key_words:
             parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
-        parts.append(r"\\u00[3-9]")
+        parts.append(r"\\u(?:00(?:[3-9]|2[0dDeEfF])|[0-9A-Fa-f]{3}\d\d)")
         self.active = self.enabled and bool(self._rules or self._keys)
         self._fingerprint = self._make_fingerprint(cfg)
         combined = "|".join(parts) if parts else "$^"
@@ -388,16 +441,21 @@ class Redactor:
         # Custom patterns are user input, so with any, RE2 stays in charge.
         self._prefilter_bytes = _compile(combined.encode())
         self._scan = _Scanner(self._prefilter_bytes)
-        # For whole chunks: digit runs (the card prefilter) in a group of their
-        # own, so a run that holds no valid card and no SSN (UUID fragments,
-        # long ids, epoch milliseconds) can be dismissed without redacting the record.
+        # For whole chunks: a match that starts with a digit (a run of 13, the
+        # card prefilter, or an SSN's shape) is followed up in Python, and a run
+        # that holds no valid card and no SSN (UUID fragments, long ids, epoch
+        # milliseconds) is dismissed without redacting the record; see hit_positions.
         self._cards_only = any(r.name == "credit_card" for r in self._rules)
-        if self._cards_only:
+        # A dismissed run is skipped whole, so the other patterns must not be
+        # able to match from inside it (a custom rule `\d{10}`, ipv4 "…123.4.5.6",
+        # a key name starting with a digit): with any such, what follows the
+        # run's start is searched again without the card pattern.
+        self._others_scan: _Scanner | None = None
+        if self._cards_only and not (all(r.name in _RUN_SAFE_RULES for r in self._rules)
+                                     and not any(k[:1] in "0123456789 -" for k in key_words)):
             others = [p for r, p in zip(self._rules, parts, strict=False) if r.name != "credit_card"]
             others += parts[len(self._rules):]
-            self._chunk_prefilter = _compile(
-                (r"(\d(?:[ -]?\d){12})|" + "|".join(others)).encode() if others else rb"(\d(?:[ -]?\d){12})")
-            self._chunk_scan = _Scanner(self._chunk_prefilter)
+            self._others_scan = _Scanner(_compile("|".join(others).encode() if others else b"$^"))
 
     @classmethod
     def from_config(cls, cfg: RedactConfig) -> Redactor:
@@ -439,28 +497,47 @@ class Redactor:
         """Whether ``text`` could contain anything to redact (the prefilter)."""
         return self.active and self._scan.spans(text.encode()) is not None
 
-    def hit_positions(self, data: bytes) -> list[int]:
-        """Byte offsets in ``data`` where the prefilter matches, at least the
-        first of each line that has a match; lines without one need no redaction."""
+    def hit_positions(self, data: bytes, end: int | None = None, json: bool = False) -> list[int]:
+        """Byte offsets in ``data[:end]`` (whole lines) where the prefilter
+        matches, at least the first of each line that has a match; lines
+        without one need no redaction. ``json``: the lines are JSON (or parsed
+        as plain text when they are not), so a quoted string's text is the
+        bytes between its quotes where they hold no backslash."""
         if not self.active:
             return []
+        if end is None:
+            end = len(data)
+        raw = self._scan._match
+        if raw is not None:
+            def scan(data: bytes, pos: int, end: int) -> Any:
+                found = raw(_UNANCHORED, data, pos, end)
+                return None if found[0] == _NO_MATCH else found
+        else:
+            scan = self._scan.spans
         cards = self._cards_only
-        scan = (self._chunk_scan if cards else self._scan).spans
+        others = self._others_scan
         find = data.find
-        end = len(data)
+        digit_run = _DIGIT_RUN.match
         hits = []
         pos = 0
-        while pos <= end:
-            spans = scan(data, pos)
+        while pos < end:
+            spans = scan(data, pos, end)
             if spans is None:
                 break
             start, stop = spans[0]
-            if cards and spans[1] != _NO_MATCH:
-                run = _DIGIT_RUN.match(data, start)
-                text = run.group(0).decode() if run else ""
-                if not card_windows(text) and not _SSN_SHAPE.search(text):
-                    pos = stop if stop > start else start + 1
-                    continue
+            if cards and 48 <= data[start] <= 57:
+                # A run of digits (with the default rules, only the card and SSN
+                # patterns start with a digit). The search goes on after it
+                # only if the run holds no valid card and no SSN: a longer run
+                # would have matched from its own start, which is at or after
+                # ``pos`` (a line's start or the end of a run dismissed before).
+                run_end = digit_run(data, start).end()  # type: ignore[union-attr]
+                if (json and _in_uuid_token(data, start, run_end)) or self._no_card_or_ssn(data[start:run_end]):
+                    found = None if others is None else others.spans(data, start, end)
+                    if found is None or found[0][0] >= run_end:
+                        pos = run_end
+                        continue
+                    start = found[0][0]
             hits.append(start)
             # The line is redacted as a whole: its other matches add nothing.
             newline = find(b"\n", stop)
@@ -469,15 +546,29 @@ class Redactor:
             pos = newline + 1
         return hits
 
-    def redact_text(self, text: str) -> str:
-        """``text`` with every match of every rule replaced."""
+    @staticmethod
+    def _no_card_or_ssn(run: bytes) -> bool:
+        text = run.decode()
+        return not _SSN_SHAPE.search(text) and not card_windows(text)
+
+    def redact_text(self, text: str, prefiltered: bool = False) -> str:
+        """``text`` with every match of every rule replaced. ``prefiltered``:
+        the caller saw the prefilter match ``text`` itself."""
         if not self.active or not text:
             return text
         data = text.encode()
-        if self._scan.spans(data) is None:
+        if not prefiltered and self._scan.spans(data) is None:
             return text
-        for rule in self._rules:
-            if rule.prefilter_scan.spans(data) is None:
+        # The rules whose prefilters match, from one pass of the rule set, as
+        # long as no rule has changed the text; then each rule's own prefilter.
+        # An empty answer may be the set's failure (out of DFA memory): the
+        # prefilters decide then too.
+        matched = self._rule_set.Match(data) if self._rule_set is not None else None
+        for index, rule in enumerate(self._rules):
+            if matched:
+                if index not in matched:
+                    continue
+            elif rule.prefilter_scan.spans(data) is None:
                 continue
             count = [0]
             redacted = rule.apply(text, self._replace, count)
@@ -486,6 +577,7 @@ class Redactor:
             if redacted is not text:
                 text = redacted
                 data = text.encode()
+                matched = None
         return text
 
     def _is_sensitive_key(self, key: str) -> bool:
@@ -521,9 +613,11 @@ class Redactor:
         # here, and on a hit only the fields the hits fall in are redacted.
         texts: list[tuple[str, str]] = [(name, value) for name in _TEXT_FIELDS
                                         if (value := getattr(record, name))]
-        texts.extend(("tags", tag) for tag in record.tags or ())
-        probe = "\x00".join(value for _, value in texts)
+        if record.tags:
+            texts.extend([("tags", tag) for tag in record.tags])
+        probe = "\x00".join([value for _, value in texts])
         hit_fields: set[str] = set()
+        prefiltered: set[str] = set()  # fields a match lies within: their own text matches
         if probe:
             encoded = probe.encode()
             scan = self._scan.spans
@@ -538,6 +632,8 @@ class Redactor:
                     if index >= len(texts):
                         break
                     hit_fields.add(texts[index][0])
+                    if found[0][1] < ends[index]:
+                        prefiltered.add(texts[index][0])
                     found = scan(encoded, ends[index])
         context_hit = bool(record.context) and self._scan.spans(_json_encode(record.context)) is not None
         if not hit_fields and not context_hit:
@@ -546,7 +642,7 @@ class Redactor:
         for name in _TEXT_FIELDS:
             if name in hit_fields:
                 value = getattr(record, name)
-                redacted = self.redact_text(value)
+                redacted = self.redact_text(value, name in prefiltered)
                 if redacted != value:
                     changes[name] = redacted
         if "tags" in hit_fields and record.tags:

@@ -82,10 +82,20 @@ class RawRun:
 
     def split(self, lines: int) -> tuple[RawRun, RawRun]:
         """The first ``lines`` lines (0 < lines < count) and the rest."""
-        find = self.data.find
-        pos = self.lo
-        for _ in range(lines):
-            pos = find(b"\n", pos) + 1
+        data = self.data
+        lo = self.lo
+        # A line start near where the average line length puts the boundary,
+        # the lines before it counted in C, then line by line to the boundary.
+        near = data.rfind(b"\n", lo, lo + (self.hi - lo) * lines // self.count)
+        pos = near + 1 if near >= 0 else lo
+        before = data.count(b"\n", lo, pos)
+        while before < lines:
+            pos = data.find(b"\n", pos) + 1
+            before += 1
+        while before > lines:
+            near = data.rfind(b"\n", lo, pos - 1)
+            pos = near + 1 if near >= 0 else lo
+            before -= 1
         head = RawRun(self.pipeline, self.data, self.lo, pos, self.offset, lines, self.file, self.read_at)
         tail = RawRun(self.pipeline, self.data, pos, self.hi, self.offset + pos - self.lo, self.count - lines,
                       self.file, self.read_at)
@@ -159,34 +169,43 @@ class SourcePipeline:
     def _runs(self, chunk: Chunk, file: str) -> tuple[list[Item], int, int]:
         """The chunk as runs of lines shipped as read; a line the redaction
         prefilter hits is parsed and redacted here, as a record."""
-        body = chunk.body
-        count = chunk.count
-        self.metrics.lines_read += count
-        self.metrics.bytes_read += len(body)
+        # The lines are data[:size]: the read's partial last line is left out
+        # by bounds, not by a copy. Each byte is counted (newlines) once.
+        body = chunk.data
+        size = chunk.end - chunk.base
+        self.metrics.bytes_read += size
         read_at = time.time()
         base = chunk.base
         redactor = self.redactor
-        hits = redactor.hit_positions(body) if redactor.active else []
+        hits = redactor.hit_positions(body, size, json=True) if redactor.active else []
         if not hits:
-            return [RawRun(self, body, 0, len(body), base, count, file, read_at)], count, chunk.end
+            count = body.count(b"\n", 0, size)
+            self.metrics.lines_read += count
+            return [RawRun(self, body, 0, size, base, count, file, read_at)], count, chunk.end
         items: list[Item] = []
         rfind = body.rfind
         find = body.find
+        newlines = body.count
         lo = 0
+        count = len(hits)  # one line per hit, plus the lines of the runs between them
         hit_lines: list[bytes] = []
         hit_starts: list[int] = []
         for pos in hits:
             start = rfind(b"\n", 0, pos) + 1
             stop = find(b"\n", pos)
             if start > lo:
-                items.append(RawRun(self, body, lo, start, base + lo, body.count(b"\n", lo, start), file,
-                                    read_at))
+                n = newlines(b"\n", lo, start)
+                count += n
+                items.append(RawRun(self, body, lo, start, base + lo, n, file, read_at))
             items.append(None)  # type: ignore[arg-type]  # the record, below
             hit_lines.append(body[start:stop])
             hit_starts.append(base + start)
             lo = stop + 1
-        if lo < len(body):
-            items.append(RawRun(self, body, lo, len(body), base + lo, body.count(b"\n", lo), file, read_at))
+        if lo < size:
+            n = newlines(b"\n", lo, size)
+            count += n
+            items.append(RawRun(self, body, lo, size, base + lo, n, file, read_at))
+        self.metrics.lines_read += count
         errors_before = self.parser.errors
         records = self.parser.parse_lines(hit_lines, hit_starts, file)
         self.metrics.parse_errors += self.parser.errors - errors_before
@@ -211,7 +230,7 @@ class SourcePipeline:
         redactor = self.redactor
         if not redactor.active:
             return records
-        hits = redactor.hit_positions(body) if body else []
+        hits = redactor.hit_positions(body, json=self.cfg.format == "json") if body else []
         if not hits:
             return records
         base = chunk.base

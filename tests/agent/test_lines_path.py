@@ -109,6 +109,21 @@ def test_runs_split_at_a_line_boundary_and_adjacent_runs_join() -> None:
     assert [r.message for _, r in parse_shipped_lines(groups[0], "h")[0]] == [f"line {i}" for i in range(4, 10)]
 
 
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.sampled_from([0, 1, 2, 7, 60, 400]), min_size=2, max_size=80), data=st.data())
+def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data: st.DataObject) -> None:
+    before = data.draw(st.sampled_from([b"", b"earlier line\n"]))
+    body = before + b"".join(b"x" * n + b"\n" for n in lengths)
+    run = RawRun(None, body + data.draw(st.sampled_from([b"", b'{"partial'])), len(before), len(body),  # type: ignore[arg-type]
+                 500, len(lengths), "/f.log", 0.0)
+    lines = data.draw(st.integers(1, len(lengths) - 1))
+    head, tail = run.split(lines)
+    boundary = len(before) + sum(n + 1 for n in lengths[:lines])
+    assert (head.lo, head.hi, head.count, head.offset) == (len(before), boundary, lines, 500)
+    assert (tail.lo, tail.hi, tail.count, tail.offset) == (boundary, len(body), len(lengths) - lines,
+                                                          500 + boundary - len(before))
+
+
 def test_non_json_sources_and_multiline_sources_never_ship_lines() -> None:
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
     cfg = SourceConfig(path="x", source="app", format="logfmt")

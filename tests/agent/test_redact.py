@@ -67,7 +67,8 @@ def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, car
     text = f"{before} {card} {after}"
     out = redactor.redact_text(text)
     assert card not in out
-    assert "[REDACTED:credit_card]" in out
+    # A card right after "Bearer" (or "token=", …) goes as that secret: secrets come first.
+    assert "[REDACTED:credit_card]" in out or "[REDACTED:secrets]" in out
     digits = card.replace(" ", "").replace("-", "")
     assert digits[-8:] not in out.replace(" ", "").replace("-", "")
 
@@ -252,3 +253,119 @@ def test_the_fingerprint_names_what_the_rules_find_not_how_they_replace() -> Non
                   RedactConfig(custom=[CustomRedactRule(name="emp", pattern=r"EMP-\d{6}")])):
         assert Redactor(other).fingerprint not in ("", base)
     assert Redactor(RedactConfig(enabled=False)).fingerprint == ""
+
+
+# --- the whole-chunk prefilter: lines it lets through must need no redaction --
+
+def _parsed(lines: list[bytes]) -> list[Record]:
+    from agent.config import SourceConfig
+    from agent.parsers import LineParser
+
+    parser = LineParser(SourceConfig(path="x", source="app", format="json"), "host")
+    records = parser.parse_lines(lines, list(range(len(lines))), "/f")
+    assert len(records) == len(lines)
+    return records
+
+
+def _hit_lines(redactor: Redactor, lines: list[bytes], json: bool = True) -> set[int]:
+    data = b"".join(line + b"\n" for line in lines)
+    starts = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
+    return {max(i for i, s in enumerate(starts) if s <= pos) for pos in redactor.hit_positions(data, json=json)}
+
+
+def _assert_misses_need_no_redaction(config: RedactConfig, lines: list[bytes]) -> set[int]:
+    """The prefilter's promise: a line it does not hit comes out of
+    redact_record unchanged. Returns the hit lines."""
+    hits = _hit_lines(Redactor(config), lines)
+    check = Redactor(config)
+    for i, record in enumerate(_parsed(lines)):
+        if i not in hits:
+            assert check.redact_record(record) == record, lines[i]
+    return hits
+
+
+# 5453853284707646 and 4111111111111111 pass every card check.
+UUID_CARD = "54538532-8470-7646-3511-b677c3e44a22"
+_hex_groups = st.tuples(*(st.text("0123456789" * 3 + "abcdef", min_size=n, max_size=n) for n in (8, 4, 4, 4, 12)))
+
+
+@st.composite
+def uuid_contexts(draw: st.DrawFn) -> str:
+    """A UUID (its groups mostly digits, sometimes forming a valid card) in a
+    JSON string value, with what may glue it to other digits around it."""
+    groups = list(draw(st.one_of(_hex_groups, st.just(tuple(UUID_CARD.split("-"))),
+                                 st.just(("41111111", "1111", "1111", "1111", "111111111111")))))
+    if draw(st.booleans()):  # a group of another length: not a UUID
+        index = draw(st.integers(0, 4))
+        groups[index] = groups[index] + draw(st.sampled_from(["1", "a", ""]))
+    uuid = "-".join(groups)
+    before = draw(st.sampled_from(["", "x", "1", "4", "id ", "\\u0034", "\\\\", "\\\"", "a-", "1-", "1 "]))
+    after = draw(st.sampled_from(["", "x", "1", "7", " 4111", "-1111", " 1111 1111", "\\u0031", "\\u0020",
+                                  "\\u002d1111", "\\\"", "\\t", " done", "-"]))
+    return before + uuid + after
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(uuid_contexts(), min_size=1, max_size=8), key=st.sampled_from(["request_id", "msg", "ctx"]))
+def test_the_chunk_prefilter_never_lets_a_line_that_needs_redaction_through(values: list[str], key: str) -> None:
+    lines = [b'{"ts":"2026-12-01T00:00:00Z","%s":"%s","user_id":"u1"}' % (key.encode(), v.encode())
+             for v in values]
+    _assert_misses_need_no_redaction(RedactConfig(), lines)
+
+
+def test_a_quoted_uuid_whose_digits_pass_the_card_checks_is_no_hit() -> None:
+    lines = [b'{"request_id":"%s","msg":"done"}' % UUID_CARD.encode(),
+             # the run goes on past the UUID: 4111 1111 1111 1111 is a card
+             b'{"request_id":"abcdef01-abcd-abcd-abcd-411111111111 1111","msg":"done"}',
+             b'{"request_id":"x%s","msg":"done"}' % UUID_CARD.encode(),  # not where the UUID search starts
+             b'{"request_id":"%s\\u0020","msg":"done"}' % UUID_CARD.encode()]
+    redactor = Redactor(RedactConfig())
+    assert _hit_lines(redactor, lines) == {1, 2, 3}
+    assert _hit_lines(redactor, lines, json=False) == {0, 1, 2, 3}  # the UUID check is for JSON lines only
+    assert _assert_misses_need_no_redaction(RedactConfig(), lines) == {1, 2, 3}
+
+
+def test_patterns_that_match_inside_a_dismissed_digit_run_still_hit() -> None:
+    # A digit run with no card is skipped whole, unless another enabled pattern could start inside it.
+    lines = [b'{"msg":"acct 9876543210 1234"}', b'{"msg":"x 1234567890 123.45.67.89"}',
+             b'{"msg":"order 1234567890123 fine"}']
+    custom = RedactConfig(custom=[CustomRedactRule(name="acct", pattern=r"\b9\d{9}\b")])
+    assert _assert_misses_need_no_redaction(custom, lines) == {0}
+    ipv4 = RedactConfig(rules=["secrets", "ssn", "credit_card", "ipv4"])
+    assert _assert_misses_need_no_redaction(ipv4, lines) == {1}
+    assert _assert_misses_need_no_redaction(RedactConfig(), lines) == set()
+
+
+def test_json_escapes_do_not_hide_secrets_from_the_prefilter() -> None:
+    lines = [b'{"msg":"card 4111\\u00201111\\u00201111\\u00201111"}', b'{"msg":"ssn 123\\u002d45\\u002d6789"}',
+             b'{"msg":"db https:\\/\\/bob:hunter2@db.example.com"}', b'{"msg":"\\u00e94111 1111 1111 1111"}',
+             b'{"msg":"a\\u0026b \\/x \\u00e9 1234567890123"}']
+    assert _assert_misses_need_no_redaction(RedactConfig(), lines) == {0, 1, 2, 3}
+    redacted = [Redactor(RedactConfig()).redact_record(r).message for r in _parsed(lines)]
+    assert redacted[:4] == ["card [REDACTED:credit_card]", "ssn [REDACTED:ssn]",
+                            "db https://bob:[REDACTED:secrets]@db.example.com", "\u00e9[REDACTED:credit_card]"]
+
+
+_rule_pieces = [*"0123456789 -.:/@_aAbBeEkKpPsStTyYJ", "key", "token", "eyJ", "://", "4111", "123-45-6789"]
+_rule_text = st.lists(st.sampled_from(_rule_pieces), max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_rule_text)
+def test_the_rule_set_finds_the_rules_whose_prefilters_match(text: str) -> None:
+    config = RedactConfig(rules=["secrets", "ssn", "credit_card", "email", "ipv4", "ipv6"],
+                          custom=[CustomRedactRule(name="emp", pattern=r"EMP-\d{3}|k\d")])
+    redactor = Redactor(config)
+    data = text.encode()
+    expected = [i for i, rule in enumerate(redactor._rules) if rule.prefilter_scan.spans(data) is not None]
+    assert sorted(redactor._rule_set.Match(data)) == expected
+
+
+def test_digits_of_other_scripts_next_to_a_card_never_crash_the_redactor(redactor: Redactor) -> None:
+    # Python's \d matches Arabic-Indic digits; the Luhn table was ASCII-only (KeyError in the read loop).
+    assert luhn_valid("4111111111111١١١")
+    out = redactor.redact_text("card 4111111111111١١١ then 4111 1111 1111 1111")
+    assert "4111 1111 1111 1111" not in out and "4111111111111" not in out
+    record = redactor.redact_record(Record(timestamp="t", level="INFO", source="s",
+                                           message="٤١١١١١١١١١١١١١١١ 4111111111111١١١"))
+    assert "4111111111111" not in record.message
