@@ -203,8 +203,9 @@ class BatchConfig(msgspec.Struct, forbid_unknown_fields=True):
 class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Batches written to disk before they are sent (always, under
     ``state_dir/spool``). ``max_bytes`` is how much may wait there: while the
-    collector is away, files keep being read into the spool until it is full;
-    with 0 only the batches in flight are spooled and reading pauses at once."""
+    collector is away, files keep being read into the spool while one more
+    batch (as large as the largest so far) still fits; with 0 only the batches
+    in flight are spooled and reading pauses at once."""
 
     max_bytes: ByteSize = ByteSize(0)
 

@@ -378,6 +378,12 @@ class Agent:
         self._spooling: set[asyncio.Task[None]] = set()
         self._to_spool: list[tuple[SpooledBatch, PendingBatch]] = []
         self._spool_writing = False
+        # Bytes of closed batches not yet written to the spool, and the largest
+        # batch body so far: spool.max_bytes holds only while reading stops
+        # before one more batch could take the spool past it.
+        self._spool_reserved = 0
+        self._spool_sizes: dict[int, int] = {}
+        self._largest_body = 0
         self._commit_lock = threading.Lock()
         self._compress: Any = None
         self._encode_buffer = bytearray()
@@ -589,7 +595,10 @@ class Agent:
         # parses lines shipped as read decides how the rest is shipped.
         if self._unacked < (self.cfg.collector.max_in_flight if self._answered else 1):
             return True
-        return bool(self.cfg.spool.max_bytes) and self.spool.used_bytes < self.cfg.spool.max_bytes
+        limit = self.cfg.spool.max_bytes
+        # Room for another batch as large as the largest so far (the next one
+        # is closed before the spool's size is checked again).
+        return bool(limit) and self.spool.used_bytes + self._spool_reserved + self._largest_body <= limit
 
     def _read_files(self, now: float) -> bool:
         """One round over the open files; whether anything was read."""
@@ -730,6 +739,12 @@ class Agent:
         # sending only once it is durable. Batches closed meanwhile share the
         # next write and its fsync.
         self._to_spool.append((spooled, pending))
+        # The spool also frames and keeps each batch's ids and ranges: ~100 bytes and ~50 a file.
+        size = len(body) + 128 + 64 * len(spooled.ranges)
+        spooled_sizes = self._spool_sizes
+        spooled_sizes[spooled.seq] = size
+        self._spool_reserved += size
+        self._largest_body = max(self._largest_body, size)
         if not self._spool_writing:
             self._spool_writing = True
             task = asyncio.get_running_loop().create_task(self._spool_writer())
@@ -758,6 +773,7 @@ class Agent:
                 self._to_spool[:0] = group
                 await asyncio.sleep(1.0)
                 continue
+            self._spool_reserved -= sum(self._spool_sizes.pop(spooled.seq, 0) for spooled, _ in group)
             self._queue.extend(pending for _, pending in group)
             self._queued.set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from agent.spool import MAGIC, FileRange, Spool, SpooledBatch, _encoder
@@ -162,3 +163,31 @@ def test_a_failed_write_is_retried_in_a_new_segment_and_counted_once(tmp_path: P
     again.remove(first.seq)
     again.remove(doomed.seq)
     assert not list(tmp_path.iterdir())
+
+
+async def test_reading_stops_before_the_spool_would_pass_its_max_bytes(tmp_path, start_agent) -> None:
+    """While the collector is away, files are read into the spool only as long
+    as one more batch still fits: the spool never holds more than max_bytes."""
+    import random
+
+    port = free_port()  # nothing listens: every send fails and is retried
+    (tmp_path / "logs").mkdir()
+    rng = random.Random(5)
+    write_lines(tmp_path / "logs" / "a.log", [f"line {i} {rng.getrandbits(256):064x}" for i in range(4000)])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    limit = 40_000
+    cfg = agent_config(tmp_path, f"http://127.0.0.1:{port}", [source], batch={"max_records": 40},
+                       collector={"max_in_flight": 1}, spool={"max_bytes": limit}, shutdown_timeout="100ms")
+    running = await start_agent(cfg)
+    agent = running.agent
+    await eventually(lambda: hasattr(agent, "spool") and agent.spool.batches >= 5, what="batches spooled")
+    sizes = []
+    for _ in range(30):  # reading has stopped: the spool stays where it is
+        await asyncio.sleep(0.05)
+        sizes.append(agent.spool.used_bytes)
+    assert sizes[-1] == sizes[-10]
+    assert max(sizes) <= limit, sizes
+    assert max(sizes) > limit // 2  # it did fill up to near the limit
+    spool_dir = tmp_path / "state" / "spool"
+    assert sum(p.stat().st_size for p in spool_dir.iterdir()) <= limit + 1024  # segment headers
+    assert await running.stop() == 0
