@@ -81,6 +81,23 @@ def _timestamp_ok(value: Any) -> bool:
     return parse_timestamp(value) is not None
 
 
+# Digits (and the spaces and dashes between digit groups) at the end of a cut text.
+_TRAILING_DIGITS = re.compile(rb"\d(?:[ -]?\d)*[ -]?\Z")
+
+
+def _head(raw: bytes, size: int) -> bytes:
+    """``raw[:size]``, less a run of digits the cut goes through: half a card
+    number or SSN is no longer one the redaction rules recognise, and would be
+    stored as it is."""
+    head = raw[:size]
+    after = raw[size:size + 2]
+    if after[:1].isdigit() or (after[:1] in (b" ", b"-") and after[1:].isdigit()):
+        run = _TRAILING_DIGITS.search(head)
+        if run is not None:
+            head = head[:run.start()]
+    return head
+
+
 def _cut(text: str, limit: int, what: str) -> tuple[str, bool]:
     if len(text) * 4 <= limit:
         return text, False
@@ -88,7 +105,7 @@ def _cut(text: str, limit: int, what: str) -> tuple[str, bool]:
     if len(raw) <= limit:
         return text, False
     marker = f"…[{what} truncated, {len(raw)} bytes]"
-    return raw[: limit - len(marker.encode()) - 4].decode("utf-8", "ignore") + marker, True
+    return _head(raw, limit - len(marker.encode()) - 4).decode("utf-8", "ignore") + marker, True
 
 
 # Aliases of record fields in JSON and logfmt lines, most common first.
@@ -436,7 +453,7 @@ class LineParser:
                 # Only large contexts are measured: encoding each one costs time.
                 encoded = _json_encode(context)
                 if len(encoded) > MAX_CONTEXT_BYTES:
-                    context = {"truncated": True, "context_prefix": encoded[:1000].decode("utf-8", "ignore")}
+                    context = {"truncated": True, "context_prefix": _head(encoded, 1000).decode("utf-8", "ignore")}
                     tags = [*(tags or ()), "truncated"]
         line_tags = get("tags")
         if line_tags is not None or tags is not None or self.static_tags is not None:

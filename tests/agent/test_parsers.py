@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import msgspec
@@ -184,3 +185,22 @@ def test_java_stack_trace_in_start_mode_and_max_lines() -> None:
         entries += joiner.feed(line, i * 100, i * 100 + 100, 0.0)
     assert [len(e[1]) for e in entries] == [2, 1]  # cut at 3 lines, the rest is an entry of its own
     assert joiner.due(5.0) and not joiner.due(0.5)
+
+
+def test_a_message_cut_at_its_limit_never_keeps_half_a_card_number() -> None:
+    from agent.config import RedactConfig, SourceConfig
+    from agent.parsers import MAX_MESSAGE_BYTES, LineParser
+    from agent.redact import Redactor
+
+    parser = LineParser(SourceConfig(path="x", source="app", format="json"), "h")
+    redactor = Redactor(RedactConfig())
+    card = "4111 1111 1111 1111"
+    for shift in range(0, 60, 3):  # the cut falls before, inside and after the card
+        filler = "x" * (MAX_MESSAGE_BYTES - 60 + shift)
+        line = json.dumps({"msg": f"{filler} {card} and more text after it {'y' * 200}"}).encode()
+        [record] = parser.parse_lines([line], [0], "/f")
+        message = redactor.redact_record(record).message
+        assert "truncated" in message
+        kept = message.split("…[")[0][len(filler):]
+        # Whatever of the card survived the cut is either all of it (then redacted) or nothing.
+        assert not any(c.isdigit() for c in kept), (shift, kept)
