@@ -204,8 +204,8 @@ class LogWriter:
         this collector is told ``duplicate`` without a storage lookup."""
         rows = await self.storage.query(
             "SELECT batch_id FROM ingest_batches WHERE received_at >= now64(3) - toIntervalSecond({w:UInt32}) "
-            "ORDER BY received_at LIMIT {n:UInt32}", {"w": int(window), "n": SEEN_MAX})
-        for row in rows:
+            "ORDER BY received_at DESC LIMIT {n:UInt32}", {"w": int(window), "n": SEEN_MAX})
+        for row in reversed(rows):  # the newest are remembered last, so forgotten last
             self._remember(row["batch_id"])
         return len(rows)
 
