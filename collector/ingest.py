@@ -2,18 +2,20 @@
 
 A request is answered only after its rows are stored, so an acknowledged
 batch is durable. "Stored" means appended to the collector's write-ahead
-journal and fsynced (collector.journal; ~1 ms), when the journal is on (the
+journal and fsynced (collector.journal; ~2 ms), when the journal is on (the
 default): its flusher writes coalesced inserts into ClickHouse at most every
-``storage.journal_flush_interval``, and a log query first waits for the rows
-acknowledged before it (read-your-writes). With ``storage.journal: off``, rows
-from all requests are coalesced per table and inserted at most every
-``ingest.flush_interval`` (100 ms), and requests wait for that insert.
+``storage.journal_flush_interval``, and log reads see every row acknowledged
+before them (pages merge the journal's rows, collector.logs_api; other reads
+wait for them). With ``storage.journal: off``, rows from all requests are
+coalesced per table and inserted at most every ``ingest.flush_interval``
+(100 ms), and requests wait for that insert.
 
-A ``batch_id`` already stored answers ``duplicate: true`` and stores nothing
-again, across restarts too. The batch id is recorded by the same INSERT that
-stores the logs (a materialized view into ``ingest_batches``), so no crash can
-leave logs stored but their batch unknown, and the journal's replay after a
-crash skips the batches whose insert had happened (Storage.logs_not_stored).
+A ``batch_id`` is stored once, across restarts too: the batch id is recorded
+by the same INSERT that stores the logs (a materialized view into
+``ingest_batches``), so no crash can leave logs stored but their batch
+unknown, and the journal's flushes and replay skip the batches already
+stored (Storage.logs_not_stored). A batch this collector remembers (the last
+200,000, and after a restart the last hour's) is answered ``duplicate: true``.
 """
 
 from __future__ import annotations
