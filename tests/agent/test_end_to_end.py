@@ -146,3 +146,42 @@ def test_check_command_lists_every_error_with_its_path(tmp_path: Path) -> None:
     ok = subprocess.run([cli("logferry-agent"), "check", "-c", str(good)], capture_output=True, text=True,
                         timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_collector_killed_while_shipping_then_restarted_stores_every_line_exactly_once(
+        tmp_path: Path, agent_processes: Callable[..., Any]) -> None:
+    """The collector acknowledges logs once they are in its write-ahead
+    journal; killed (SIGKILL) with acknowledged logs only there and batches in
+    flight, then restarted, it replays the journal and the agent resends what
+    was not acknowledged: every line once."""
+    from tests.conftest import CollectorProcess
+
+    (tmp_path / "collector").mkdir()
+    # Inserts into ClickHouse are a second away: most acknowledged logs are only in the journal when it dies.
+    collector = CollectorProcess(tmp_path / "collector", {"storage": {
+        "dsn": f"chdb://{tmp_path / 'collector' / 'clickhouse'}", "journal_flush_interval": "1s"}})
+    collector.start()
+    try:
+        agent = agent_processes(E2EAgent, collector, batch={"max_records": 100}, collector={"max_in_flight": 4})
+        app = agent.logs / "app.log"
+        total = 6000
+        json_lines(app, 0, 1000)
+        agent.start()
+        writer = threading.Thread(target=lambda: [
+            (json_lines(app, start, start + 200), time.sleep(0.02)) for start in range(1000, total, 200)])
+        writer.start()
+        time.sleep(0.4)  # some batches acknowledged, the flush not yet due
+        assert collector.proc is not None
+        collector.proc.kill()
+        collector.proc.wait()
+        collector.proc = None
+        writer.join()
+        collector.start()
+        wait_for(lambda: len(stored(collector, agent.source)) >= total, timeout=60, what="every line after restart")
+        time.sleep(1.5)  # a duplicate would arrive now (and the journal's next flush with it)
+        messages = [log["message"] for log in stored(collector, agent.source)]
+        assert len(messages) == total
+        assert sorted(messages) == [f"line {i:06d}" for i in range(total)]
+        assert agent.signal(signal.SIGTERM) == 0
+    finally:
+        collector.stop()
