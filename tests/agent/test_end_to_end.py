@@ -55,6 +55,18 @@ def json_lines(path: Path, start: int, stop: int, extra: str = "") -> None:
             out.write(json.dumps({"ts": ts, "level": "info", "msg": f"line {i:06d}{extra}"}) + "\n")
 
 
+def keep_appending(path: Path, start: int, stop: int) -> threading.Thread:
+    """A started thread appending lines ``start``..``stop`` to ``path``, 200 every ~20 ms."""
+    def run() -> None:
+        for first in range(start, stop, 200):
+            json_lines(path, first, min(first + 200, stop))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def stored(collector: Any, source: str) -> list[dict[str, Any]]:
     return collector.all_logs(source=source, start="-1h")  # type: ignore[no-any-return]
 
@@ -82,9 +94,7 @@ def test_kill_9_during_shipping_then_restart_stores_every_line_exactly_once(
     json_lines(app, 0, 2000)
     agent.start()
     # Keep the agent busy while it is killed: lines keep arriving.
-    writer = threading.Thread(target=lambda: [
-        (json_lines(app, start, start + 200), time.sleep(0.02)) for start in range(2000, total, 200)])
-    writer.start()
+    writer = keep_appending(app, 2000, total)
     wait_for(lambda: len(collector_process.query_logs(source=agent.source, start="-1h", limit=10)["logs"]) > 0,
              what="first batches stored")
     assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
@@ -167,9 +177,7 @@ def test_collector_killed_while_shipping_then_restarted_stores_every_line_exactl
         total = 6000
         json_lines(app, 0, 1000)
         agent.start()
-        writer = threading.Thread(target=lambda: [
-            (json_lines(app, start, start + 200), time.sleep(0.02)) for start in range(1000, total, 200)])
-        writer.start()
+        writer = keep_appending(app, 1000, total)
         time.sleep(0.4)  # some batches acknowledged, the flush not yet due
         assert collector.proc is not None
         collector.proc.kill()
