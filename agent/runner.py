@@ -411,7 +411,18 @@ class Agent:
         if kind == "zstd":
             import zstandard
 
-            compressor = zstandard.ZstdCompressor(level=self.cfg.collector.zstd_level)
+            level = self.cfg.collector.zstd_level
+            if level == 1:
+                # Level 1 with a 16 KiB match table (hash_log 12, as zstd itself
+                # uses for small inputs) and 6-byte matches: on JSON, access-log
+                # and syslog-style data, ~10% less CPU than level 1's parameters
+                # for a 1 MiB batch and the same or a better ratio
+                # (bench_agent's file: 4.74 vs 4.67; text that is not logs,
+                # such as source code, compresses ~5% less).
+                params = zstandard.ZstdCompressionParameters.from_level(1, hash_log=12, min_match=6)
+                compressor = zstandard.ZstdCompressor(compression_params=params)
+            else:
+                compressor = zstandard.ZstdCompressor(level=level)
             self._compress = compressor.compress
             self.content_encoding = "zstd"
         elif kind == "gzip":
