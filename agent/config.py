@@ -205,9 +205,18 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True):
     ``state_dir/spool``). ``max_bytes`` is how much may wait there: while the
     collector is away, files keep being read into the spool while one more
     batch (as large as the largest so far) still fits; with 0 only the batches
-    in flight are spooled and reading pauses at once."""
+    in flight are spooled and reading pauses at once.
+
+    ``sync``: each group of batches is fdatasynced before it is sent (the
+    default). With ``false`` (Fluent Bit's ``storage.sync normal``) the spool
+    is left to the page cache: a ``kill -9`` still loses and repeats nothing,
+    but after a power loss or kernel crash the batches that were in flight
+    are gone, so lines of files are read and sent again under new batch ids
+    (stored twice if the collector had them) and stdin lines not yet
+    acknowledged are lost. It saves ~3% of the agent's CPU."""
 
     max_bytes: ByteSize = ByteSize(0)
+    sync: bool = True
 
 
 class DeadLetterConfig(msgspec.Struct, forbid_unknown_fields=True):

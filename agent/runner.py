@@ -440,7 +440,7 @@ class Agent:
         self.state = saved or CheckpointFile(agent_id=str(uuid.uuid4()))
         if not self.state.agent_id:
             self.state.agent_id = str(uuid.uuid4())
-        self.spool = Spool(self.state_dir / "spool")
+        self.spool = Spool(self.state_dir / "spool", sync=self.cfg.spool.sync)
         self.tailer = Tailer(self.cfg.sources, saved, self.cfg.read_chunk, self.cfg.max_open_files)
         self._resume_at: dict[str, int] = {}
         for spooled in self.spool.load():
@@ -1091,6 +1091,7 @@ class Agent:
         self._collector_lines(self._lines_known)
         self.tailer.update_sources(cfg.sources)
         self.tailer.max_open = cfg.max_open_files
+        self.spool.sync = cfg.spool.sync
         shipper.update(cfg.collector)
         log.info("config reloaded from %s", self.config_path)
 

@@ -100,8 +100,10 @@ class Spool:
     """The spool directory. ``used_bytes`` counts the batches it holds (not
     yet removed); the segment files may hold up to one segment more."""
 
-    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES, sync: bool = True) -> None:
         self.directory = directory
+        # False: writes are left to the page cache (``spool.sync``).
+        self.sync = sync
         directory.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self.used_bytes = 0
@@ -204,7 +206,8 @@ class Spool:
         self.write_many([batch])
 
     def write_many(self, batches: list[SpooledBatch]) -> None:
-        """Store batches durably with one sync (blocking: call it from a thread)."""
+        """Store batches with one sync (blocking: call it from a thread);
+        durably unless ``sync`` is off."""
         if not batches:
             return
         frames: list[bytes] = []
@@ -228,7 +231,8 @@ class Spool:
             try:
                 while view:
                     view = view[os.write(segment.fd, view):]
-                _fdatasync(segment.fd)
+                if self.sync:
+                    _fdatasync(segment.fd)
             except OSError:
                 # Whatever part was written is a torn frame for load(): start over in a new segment.
                 self._active = None
@@ -237,7 +241,7 @@ class Spool:
                 if segment.live == 0:
                     segment.path.unlink(missing_ok=True)
                 raise
-            if created:
+            if created and self.sync:
                 _fsync_dir(self.directory)
             pos = start
             for batch, length in zip(batches, lengths, strict=True):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
+import pytest
+
+import agent.spool as spool_module
 from agent.spool import MAGIC, FileRange, Spool, SpooledBatch, _encoder
 from tests.agent.conftest import agent_config, eventually, write_lines
 from tests.agent.ingest_stub import IngestStub
@@ -34,6 +38,26 @@ def test_batches_written_together_come_back_after_a_restart(tmp_path: Path) -> N
     assert again.used_bytes == spool.used_bytes
     assert again.next_seq() == written[-1].seq + 1
     assert again.read_body(written[4].seq).body == written[4].body
+
+
+def test_each_group_is_synced_unless_sync_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_module, "_fdatasync", lambda fd: synced.append("data"))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("fsync"), real_fsync(fd))[1])
+    durable = Spool(tmp_path / "durable")
+    durable.write_many([batch(durable) for _ in range(3)])
+    durable.write(batch(durable))
+    # One fdatasync per group, and the new segment's directory entry once.
+    assert synced.count("data") == 2 and synced.count("fsync") == 1
+    synced.clear()
+    lazy = Spool(tmp_path / "lazy", sync=False)
+    written = [batch(lazy) for _ in range(3)]
+    lazy.write_many(written[:2])
+    lazy.write(written[2])
+    assert synced == []
+    # A kill -9 loses nothing: the page cache outlives the process.
+    assert Spool(tmp_path / "lazy").load() == written
 
 
 def test_a_torn_or_corrupt_tail_is_ignored_and_writing_goes_on_in_a_new_segment(tmp_path: Path) -> None:
@@ -137,9 +161,37 @@ async def test_spooled_batches_are_resent_with_their_batch_ids_after_a_restart(t
         stub.stop()
 
 
-def test_a_failed_write_is_retried_in_a_new_segment_and_counted_once(tmp_path: Path, monkeypatch) -> None:
-    import agent.spool as spool_module
+async def test_an_agent_with_spool_sync_off_ships_without_fdatasync(tmp_path, start_agent, monkeypatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(spool_module, "_fdatasync", synced.append)
+    port = free_port()
+    (tmp_path / "logs").mkdir()
+    write_lines(tmp_path / "logs" / "a.log", [f"line {i}" for i in range(200)])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, f"http://127.0.0.1:{port}", [source], batch={"max_records": 50},
+                       spool={"sync": False})
+    stub = IngestStub().start(port)
+    try:
+        running = await start_agent(cfg)
+        await eventually(lambda: len(stub.messages()) == 200, what="every line")
+        assert running.agent.spool.sync is False and synced == []
+        assert await running.stop() == 0
+    finally:
+        stub.stop()
+    # The default syncs every group it writes.
+    cfg = agent_config(tmp_path, f"http://127.0.0.1:{port}", [source], batch={"max_records": 50})
+    write_lines(tmp_path / "logs" / "a.log", [f"more {i}" for i in range(100)])
+    stub = IngestStub().start(port)
+    try:
+        running = await start_agent(cfg)
+        await eventually(lambda: len(stub.messages()) == 100, what="the new lines")
+        assert running.agent.spool.sync is True and synced
+        assert await running.stop() == 0
+    finally:
+        stub.stop()
 
+
+def test_a_failed_write_is_retried_in_a_new_segment_and_counted_once(tmp_path: Path, monkeypatch) -> None:
     spool = Spool(tmp_path)
     first = batch(spool)
     spool.write(first)
