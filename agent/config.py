@@ -44,8 +44,46 @@ def _check_regex(pattern: str, what: str) -> None:
         raise ValueError(f"{what} is not a valid RE2 regular expression: {detail}") from None
 
 
+def _anchor(pattern: str) -> str | None:
+    """The first anchor (``^``, ``$``, ``\\A``, ``\\z``) in ``pattern`` outside
+    a character class, else ``None``."""
+    i, n = 0, len(pattern)
+    in_class = False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            if not in_class and pattern[i + 1:i + 2] in ("A", "z", "Z"):
+                return pattern[i:i + 2]
+            i += 2
+            continue
+        if in_class:
+            if c == "[" and pattern[i + 1:i + 2] == ":":  # [:alpha:]
+                end = pattern.find(":]", i + 2)
+                i = end + 2 if end >= 0 else i + 1
+                continue
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            i += 1
+            if pattern[i:i + 1] == "^":
+                i += 1
+            if pattern[i:i + 1] == "]":  # a leading "]" is a member
+                i += 1
+            continue
+        elif c in "^$":
+            return c
+        i += 1
+    return None
+
+
 class CustomRedactRule(msgspec.Struct, forbid_unknown_fields=True):
-    """A user's own pattern; every match is replaced (``[REDACTED:<name>]`` by default)."""
+    """A user's own pattern; every match is replaced (``[REDACTED:<name>]`` by default).
+
+    A rule is searched for anywhere in a record's text (a line, a field, a
+    context value), so anchors (``^``, ``$``, ``\\A``, ``\\z``) are refused:
+    they would match at the start of whatever text the search happened to
+    cover, and a value elsewhere would go unredacted."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     pattern: Annotated[str, msgspec.Meta(min_length=1)]
@@ -53,6 +91,10 @@ class CustomRedactRule(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         _check_regex(self.pattern, "pattern")
+        anchor = _anchor(self.pattern)
+        if anchor is not None:
+            raise ValueError(f"pattern may not use the anchor `{anchor}`: a rule is searched for anywhere "
+                             "in a record's text (use \\b for a word boundary)")
 
 
 class RedactConfig(msgspec.Struct, forbid_unknown_fields=True):
