@@ -83,6 +83,10 @@ class _Scanner:
 
 
 _LUHN_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}.__getitem__
+# ASCII digits to their values, and to the digit sums of their doubles: the
+# Luhn sums in C (``bytes.translate`` and ``sum``), not a Python call a digit.
+_LUHN_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
+_LUHN_DOUBLE = bytes.maketrans(b"0123456789", bytes(2 * d if d < 5 else 2 * d - 9 for d in range(10)))
 
 
 def luhn_valid(digits: str) -> bool:
@@ -90,7 +94,9 @@ def luhn_valid(digits: str) -> bool:
     text pattern matches "١٢٣" too, and a crash here would stop the reader)."""
     if not digits.isascii():
         digits = "".join(str(int(c)) for c in digits)
-    return (sum(map(int, digits[-1::-2])) + sum(map(_LUHN_DOUBLED, digits[-2::-2]))) % 10 == 0
+        return (sum(map(int, digits[-1::-2])) + sum(map(_LUHN_DOUBLED, digits[-2::-2]))) % 10 == 0
+    data = digits.encode()
+    return (sum(data[-1::-2].translate(_LUHN_VALUE)) + sum(data[-2::-2].translate(_LUHN_DOUBLE))) % 10 == 0
 
 
 def card_issuer(digits: str) -> str | None:
@@ -117,8 +123,26 @@ def card_issuer(digits: str) -> str | None:
     return None
 
 
+def _card_lengths() -> dict[str, frozenset[int]]:
+    # card_issuer looks at the first four digits and the length only.
+    shared: dict[frozenset[int], frozenset[int]] = {}
+    table = {}
+    for p4 in range(10000):
+        prefix = f"{p4:04d}"
+        lengths = frozenset(n for n in range(13, 20) if card_issuer(prefix + "0" * (n - 4)) is not None)
+        table[prefix] = shared.setdefault(lengths, lengths)
+    return table
+
+
+# The card lengths an issuer takes after each four ASCII digits (none: an empty set).
+_CARD_LENGTHS = _card_lengths()
+
+
 def is_card_number(digits: str) -> bool:
-    return 13 <= len(digits) <= 19 and card_issuer(digits) is not None and luhn_valid(digits)
+    lengths = _CARD_LENGTHS.get(digits[:4])
+    if lengths is None:  # not four ASCII digits: other scripts' digits, or too short
+        return 13 <= len(digits) <= 19 and card_issuer(digits) is not None and luhn_valid(digits)
+    return len(digits) in lengths and luhn_valid(digits)
 
 
 def is_ssn(area: str, group: str, serial: str) -> bool:
@@ -139,8 +163,8 @@ class _Rule:
     def __init__(self, name: str, pattern: str, prefilter: str, engine: str = "re2") -> None:
         self.name = name
         # Digit rules use Python's re: their patterns cannot backtrack badly,
-        # and on the short strings the prefilter picks, re's C-level sub with a
-        # callback costs a fraction of the RE2 binding's per-match overhead.
+        # and on the short strings the prefilter picks, re's C-level searches
+        # cost a fraction of the RE2 binding's per-call overhead.
         self.regex: Any = re.compile(pattern) if engine == "re" else _compile(pattern)
         self.prefilter = prefilter
         self.prefilter_regex: Any = _compile(prefilter)
@@ -163,11 +187,14 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     separators: the run is split at its separators and, left to right, the
     longest sequence of whole groups that is a valid card number is taken.
     Contiguous digits are never split: 20 glued digits are an id, not a card."""
-    texts = _DIGIT_GROUP.findall(run)
-    if len(texts) == 1:  # the common case: no separators
-        return [(0, len(run))] if is_card_number(run) else []
-    if is_card_number("".join(texts)):  # the whole run: what the search below tries first
+    # The whole run first (what the search below tries first), its digits
+    # without splitting it into groups.
+    digits = run.replace(" ", "").replace("-", "")
+    if is_card_number(digits):
         return [(0, len(run))]
+    if len(digits) <= 13 or len(digits) == len(run):  # no window but the whole run: too short, or no separators
+        return []
+    texts = _DIGIT_GROUP.findall(run)
     # Offsets: groups are separated by exactly one character.
     starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
     counts = list(accumulate(map(len, texts), initial=0))  # digits before group k
@@ -203,27 +230,43 @@ class _CardRule(_Rule):
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
         # (54538532-8470-7646-…): a window inside a UUID is not a card.
         uuids = [u.span() for u in _UUID.finditer(text)] if text.count("-") >= 4 else []
-
-        def sub(m: Any) -> str:
-            run = m.group(0)
+        out: list[str] = []
+        pos = 0
+        for at, run in _card_runs(text, self.regex):
             windows = card_windows(run)
             if windows and uuids:
-                at = m.start()
                 windows = [(start, end) for start, end in windows
                            if not any(u_start <= at + start and at + end <= u_end for u_start, u_end in uuids)]
-            if not windows:
-                return str(run)
-            out: list[str] = []
-            pos = 0
             for start, end in windows:
-                out.append(run[pos:start])
+                out.append(text[pos:at + start])
                 out.append(replace(self.name, run[start:end]))
                 count[0] += 1
-                pos = end
-            out.append(run[pos:])
-            return "".join(out)
+                pos = at + end
+        if not out:
+            return text
+        out.append(text[pos:])
+        return "".join(out)
 
-        return str(self.regex.sub(sub, text))
+
+def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
+    """The matches of the card rule's ``regex`` in ``text``, left to right,
+    as (offset, run): the runs ``regex.sub`` would replace."""
+    runs: list[tuple[int, str]] = []
+    search = _CARD_STRETCH[0 if text.isascii() else 1].search
+    stretch = search(text)
+    while stretch is not None:  # see _CARD_STRETCH
+        lo, hi = stretch.span()
+        run = stretch.group().rstrip(" -")
+        if "  " in run or "--" in run or " -" in run or "- " in run:
+            # Separators that end a run: the pattern tells the runs.
+            m = regex.search(text, lo, hi)
+            while m is not None:
+                runs.append((m.start(), m.group()))
+                m = regex.search(text, m.end(), hi)
+        elif len(run) - run.count(" ") - run.count("-") >= 13:
+            runs.append((lo, run))  # single separators between digits throughout: one run, if 13 digits
+        stretch = search(text, hi)
+    return runs
 
 
 class _SsnRule(_Rule):
@@ -238,14 +281,40 @@ class _SsnRule(_Rule):
         )
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
-        def sub(m: Any) -> str:
-            before, area, sep1, group, sep2, serial, after = m.groups()
-            if before or after or sep1 != sep2 or not is_ssn(area, group, serial):
-                return str(m.group(0))
-            count[0] += 1
-            return str(replace(self.name, f"{area}-{group}-{serial}"))
+        out: list[str] = []
+        pos = 0
+        search = _SSN_STRETCH[0 if text.isascii() else 1].search
+        find = self.regex.search
+        stretch = search(text)
+        while stretch is not None:  # see _CARD_STRETCH
+            lo, hi = stretch.span()
+            m = find(text, lo, hi)
+            while m is not None:
+                before, area, sep1, group, sep2, serial, after = m.groups()
+                # Kept: digits glued on, mixed separators, a number never issued.
+                if not before and not after and sep1 == sep2 and is_ssn(area, group, serial):
+                    out.append(text[pos:m.start()])
+                    out.append(replace(self.name, f"{area}-{group}-{serial}"))
+                    count[0] += 1
+                    pos = m.end()
+                m = find(text, m.end(), hi)
+            stretch = search(text, hi)
+        if not out:
+            return text
+        out.append(text[pos:])
+        return "".join(out)
 
-        return str(self.regex.sub(sub, text))
+
+# Stretches of digits, spaces and dashes, from a digit on, at least as long
+# as a card (13) or an SSN (11): every match of those rules' patterns lies in
+# one, and cannot reach past its end, so searching each stretch (up to its
+# end) finds the matches ``regex.sub`` would, left to right. Finding them
+# first spares re's search for the rule's pattern, which tries the pattern's
+# groups and repeats at every digit of the text (most of a rule's cost on a
+# short text), everywhere but in the stretches. The ASCII forms are for ASCII
+# text, where they mean the same and search faster.
+_CARD_STRETCH = (re.compile(r"[0-9][0-9 -]{12,}"), re.compile(r"\d[\d -]{12,}"))
+_SSN_STRETCH = (re.compile(r"[0-9][0-9 -]{10,}"), re.compile(r"\d[\d -]{10,}"))
 
 
 class _ValueRule(_Rule):
@@ -437,6 +506,15 @@ class Redactor:
         self._fingerprint = self._make_fingerprint(cfg)
         combined = "|".join(parts) if parts else "$^"
         self._prefilter = _compile(combined)
+        # Whether redact_record looks at the message on its own (reusing the
+        # rule set's answer for it when it is redacted), and at the other
+        # fields in a probe without it; with custom rules, one probe holds
+        # every field, the rule set being asked again per field hit. Either
+        # way a probe's scan finds every field whose own text matches,
+        # whatever else the probe holds, as patterns have no anchors (config
+        # refuses them): a match reaching across the "\x00" into the next
+        # field only adds a field whose redaction finds nothing.
+        self._fields_alone = not cfg.custom
         # Short strings (one record's fields): Python's re has less call overhead.
         # Custom patterns are user input, so with any, RE2 stays in charge.
         self._prefilter_bytes = _compile(combined.encode())
@@ -549,7 +627,7 @@ class Redactor:
     @staticmethod
     def _no_card_or_ssn(run: bytes) -> bool:
         text = run.decode()
-        return not _SSN_SHAPE.search(text) and not card_windows(text)
+        return not card_windows(text) and not _SSN_SHAPE.search(text)
 
     def redact_text(self, text: str, prefiltered: bool = False) -> str:
         """``text`` with every match of every rule replaced. ``prefiltered``:
@@ -559,11 +637,17 @@ class Redactor:
         data = text.encode()
         if not prefiltered and self._scan.spans(data) is None:
             return text
+        matched = self._rule_set.Match(data) if self._rule_set is not None else None
+        return self._apply_rules(text, data, matched)
+
+    def _apply_rules(self, text: str, data: bytes, matched: list[int] | None) -> str:
+        """``text`` (``data``, its UTF-8) with every rule whose prefilter
+        matches it applied; ``matched``: the rule set's answer for ``data``."""
         # The rules whose prefilters match, from one pass of the rule set, as
         # long as no rule has changed the text; then each rule's own prefilter.
         # An empty answer may be the set's failure (out of DFA memory): the
         # prefilters decide then too.
-        matched = self._rule_set.Match(data) if self._rule_set is not None else None
+        replace = self._replace
         for index, rule in enumerate(self._rules):
             if matched:
                 if index not in matched:
@@ -571,7 +655,7 @@ class Redactor:
             elif rule.prefilter_scan.spans(data) is None:
                 continue
             count = [0]
-            redacted = rule.apply(text, self._replace, count)
+            redacted = rule.apply(text, replace, count)
             if count[0]:
                 self.counts[rule.name] += count[0]
             if redacted is not text:
@@ -603,49 +687,97 @@ class Redactor:
             return [self.redact_value(v) for v in value]
         return value
 
+    def _hit_fields(self, texts: list[tuple[str, str]], probe: str, encoded: bytes,
+                    found: Any) -> tuple[set[str], set[str]]:
+        """The fields of ``texts`` (name, value) that the prefilter's matches
+        in ``probe`` (their values joined by "\\x00"; ``encoded``, its UTF-8)
+        fall in, the first being ``found``, and those of them a match lies
+        within."""
+        if len(encoded) != len(probe):
+            return {name for name, _ in texts}, set()  # offsets may count bytes: redact every field
+        # One search per field with a hit (ASCII: byte offsets are character offsets).
+        hit_fields: set[str] = set()
+        prefiltered: set[str] = set()
+        scan = self._scan.spans
+        ends = list(accumulate(len(value) + 1 for _, value in texts))
+        last = len(texts) - 1
+        while found is not None:
+            index = bisect_right(ends, found[0][0])
+            if index > last:
+                break
+            hit_fields.add(texts[index][0])
+            if found[0][1] < ends[index]:
+                prefiltered.add(texts[index][0])
+            if index == last:
+                break  # no field after it
+            found = scan(encoded, ends[index])
+        return hit_fields, prefiltered
+
     def redact_record(self, record: Record) -> Record:
         """A copy of ``record`` with message, context (values, recursively, and
         by key), error_stack, tags and the free-text identity fields redacted.
         Returns ``record`` itself when nothing needed redaction."""
         if not self.active:
             return record
-        # One prefilter scan over every text field at once; most records stop
-        # here, and on a hit only the fields the hits fall in are redacted.
-        texts: list[tuple[str, str]] = [(name, value) for name in _TEXT_FIELDS
-                                        if (value := getattr(record, name))]
-        if record.tags:
-            texts.extend([("tags", tag) for tag in record.tags])
-        probe = "\x00".join([value for _, value in texts])
-        hit_fields: set[str] = set()
-        prefiltered: set[str] = set()  # fields a match lies within: their own text matches
-        if probe:
-            encoded = probe.encode()
-            scan = self._scan.spans
-            found = scan(encoded)
-            if found is not None and len(encoded) != len(probe):
-                hit_fields = {name for name, _ in texts}  # offsets may count bytes: redact every field
-            elif found is not None:
-                # One search per field with a hit (ASCII: byte offsets are character offsets).
-                ends = list(accumulate(len(value) + 1 for _, value in texts))
-                while found is not None:
-                    index = bisect_right(ends, found[0][0])
-                    if index >= len(texts):
-                        break
-                    hit_fields.add(texts[index][0])
-                    if found[0][1] < ends[index]:
-                        prefiltered.add(texts[index][0])
-                    found = scan(encoded, ends[index])
+        scan = self._scan.spans
+        hit_fields: set[str] | tuple[str, ...] = ()
+        prefiltered: set[str] | tuple[str, ...] = ()  # fields a match lies within: their own text matches
+        message = record.message
+        message_data = b""
+        message_matched: list[int] | None = None  # the rule set's answer for the message, when it hits
+        if self._fields_alone:
+            # The message, where most hits are, on its own: the rule set says
+            # which rules to apply (any means the prefilter matches), and
+            # only when it finds none (or cannot tell) does the prefilter
+            # decide. Then one scan of the other fields together.
+            if message:
+                message_data = message.encode()
+                matched = self._rule_set.Match(message_data) if self._rule_set is not None else None
+                if matched or scan(message_data) is not None:
+                    message_matched = matched
+                    hit_fields = prefiltered = ("message",)
+            values = [value for value in (record.error_stack, record.user_agent, record.user_id,
+                                          record.session_id, record.request_id) if value]
+            if record.tags:
+                values.extend(record.tags)
+            probe = "\x00".join(values)
+            if probe:
+                encoded = probe.encode()
+                found = scan(encoded)
+                if found is not None:
+                    texts = [(name, value) for name in _TEXT_FIELDS[1:] if (value := getattr(record, name))]
+                    if record.tags:
+                        texts.extend([("tags", tag) for tag in record.tags])
+                    others, others_prefiltered = self._hit_fields(texts, probe, encoded, found)
+                    hit_fields = others | set(hit_fields)
+                    prefiltered = others_prefiltered | set(prefiltered)
+        else:
+            # One prefilter scan over every text field at once; most records
+            # stop here, and on a hit only the fields the hits fall in are redacted.
+            texts = [(name, value) for name in _TEXT_FIELDS if (value := getattr(record, name))]
+            if record.tags:
+                texts.extend([("tags", tag) for tag in record.tags])
+            probe = "\x00".join([value for _, value in texts])
+            if probe:
+                encoded = probe.encode()
+                found = scan(encoded)
+                if found is not None:
+                    hit_fields, prefiltered = self._hit_fields(texts, probe, encoded, found)
         context_hit = bool(record.context) and self._scan.spans(_json_encode(record.context)) is not None
         if not hit_fields and not context_hit:
             return record
         changes: dict[str, Any] = {}
-        for name in _TEXT_FIELDS:
-            if name in hit_fields:
+        for name in hit_fields:
+            if name == "message" and message_data:
+                redacted = self._apply_rules(message, message_data, message_matched)
+                if redacted != message:
+                    changes[name] = redacted
+            elif name != "tags":
                 value = getattr(record, name)
                 redacted = self.redact_text(value, name in prefiltered)
                 if redacted != value:
                     changes[name] = redacted
-        if "tags" in hit_fields and record.tags:
+        if record.tags and "tags" in hit_fields:
             tags = [self.redact_text(t) for t in record.tags]
             if tags != record.tags:
                 changes["tags"] = tags

@@ -182,7 +182,8 @@ class SourcePipeline:
             count = body.count(b"\n", 0, size)
             self.metrics.lines_read += count
             return [RawRun(self, body, 0, size, base, count, file, read_at)], count, chunk.end
-        items: list[Item] = []
+        items: list[Item | None] = []
+        slots: list[int] = []  # where each hit line's record goes in items
         rfind = body.rfind
         find = body.find
         newlines = body.count
@@ -197,7 +198,8 @@ class SourcePipeline:
                 n = newlines(b"\n", lo, start)
                 count += n
                 items.append(RawRun(self, body, lo, start, base + lo, n, file, read_at))
-            items.append(None)  # type: ignore[arg-type]  # the record, below
+            slots.append(len(items))
+            items.append(None)  # the record, below
             hit_lines.append(body[start:stop])
             hit_starts.append(base + start)
             lo = stop + 1
@@ -207,24 +209,22 @@ class SourcePipeline:
             items.append(RawRun(self, body, lo, size, base + lo, n, file, read_at))
         self.metrics.lines_read += count
         errors_before = self.parser.errors
-        records = self.parser.parse_lines(hit_lines, hit_starts, file)
+        records: list[Record | None] = self.parser.parse_lines(hit_lines, hit_starts, file)  # type: ignore[assignment]
         self.metrics.parse_errors += self.parser.errors - errors_before
         if len(records) != len(hit_lines):  # a hit on a blank line cannot be: keep it safe anyway
-            by_start = {r.offset: r for r in records}
-            records = [by_start.get(start) for start in hit_starts]  # type: ignore[misc]
+            by_start = {r.offset: r for r in records if r is not None}
+            records = [by_start.get(start) for start in hit_starts]
         redact = redactor.redact_record
-        it = iter(records)
-        out: list[Item] = []
-        for item in items:
-            if item is None:
-                record = next(it)
-                if record is not None:
-                    out.append(redact(record))
-                else:
-                    count -= 1
+        missing = 0
+        for slot, record in zip(slots, records, strict=True):
+            if record is not None:
+                items[slot] = redact(record)
             else:
-                out.append(item)
-        return out, count, chunk.end
+                missing += 1
+        if missing:
+            count -= missing
+            items = [item for item in items if item is not None]
+        return items, count, chunk.end  # type: ignore[return-value]
 
     def _redact_hits(self, records: list[Record], chunk: Chunk, body: bytes) -> list[Record]:
         redactor = self.redactor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.config import CustomRedactRule, RedactConfig
 from agent.configfile import ConfigInvalid, convert
-from agent.redact import Redactor, card_issuer, is_card_number, is_ssn, luhn_valid
+from agent.redact import Redactor, card_issuer, card_windows, is_card_number, is_ssn, luhn_valid
 from agent.wire import Record
 
 
@@ -369,3 +370,134 @@ def test_digits_of_other_scripts_next_to_a_card_never_crash_the_redactor(redacto
     record = redactor.redact_record(Record(timestamp="t", level="INFO", source="s",
                                            message="٤١١١١١١١١١١١١١١١ 4111111111111١١١"))
     assert "4111111111111" not in record.message
+
+
+# --- the fast paths against the straightforward forms they replace ------------
+
+def _reference_luhn(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c)
+        total += (2 * d if d < 5 else 2 * d - 9) if i % 2 else d
+    return total % 10 == 0
+
+
+def _reference_card_windows(run: str) -> list[tuple[int, int]]:
+    """card_windows as it was first written: every split of the groups, left to right."""
+    texts = re.findall(r"\d+", run)
+    starts = [sum(len(t) + 1 for t in texts[:k]) for k in range(len(texts))]
+    found: list[tuple[int, int]] = []
+    i = 0
+    while i < len(texts):
+        for j in range(len(texts) - 1, i - 1, -1):
+            digits = "".join(texts[i:j + 1])
+            if 13 <= len(digits) <= 19 and card_issuer(digits) is not None and _reference_luhn(digits):
+                found.append((starts[i], starts[j] + len(texts[j])))
+                i = j + 1
+                break
+        else:
+            i += 1
+    return found
+
+
+_digit = st.sampled_from("0123456789" * 6 + "٠١٢٣٤٥٦٧٨٩")
+_digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_size=6).flatmap(
+    lambda groups: st.lists(st.sampled_from(" -"), min_size=len(groups) - 1, max_size=len(groups) - 1).map(
+        lambda seps: groups[0] + "".join(s + g for s, g in zip(seps, groups[1:], strict=True))))
+
+
+@settings(max_examples=500, deadline=None)
+@given(run=st.one_of(_digit_runs, card_numbers(), st.builds(lambda a, b: f"{a} {b}", card_numbers(), _digit_runs)))
+def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) -> None:
+    assert card_windows(run) == _reference_card_windows(run)
+    digits = run.replace(" ", "").replace("-", "")
+    assert luhn_valid(digits) == _reference_luhn(digits)
+    assert is_card_number(digits) == (13 <= len(digits) <= 19 and card_issuer(digits) is not None
+                                      and _reference_luhn(digits))
+
+
+_rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids().map(str),
+                                 st.sampled_from([" ", "-", "  ", "--", " -", "x", "é", "1", "\n", UUID_CARD,
+                                                  "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١"])),
+                       max_size=8).map("".join)
+
+
+def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
+    """The card and SSN rules as one ``re.sub`` over the whole text."""
+    count = 0
+
+    def card(m: re.Match[str]) -> str:
+        nonlocal count
+        run, at = m.group(), m.start()
+        windows = [(s, e) for s, e in _reference_card_windows(run)
+                   if not any(u.start() <= at + s and at + e <= u.end() for u in uuids)]
+        out, pos = [], 0
+        for s, e in windows:
+            out += [run[pos:s], "[REDACTED:credit_card]"]
+            count += 1
+            pos = e
+        return "".join([*out, run[pos:]])
+
+    def ssn(m: re.Match[str]) -> str:
+        nonlocal count
+        before, area, sep1, group, sep2, serial, after = m.groups()
+        if before or after or sep1 != sep2 or not is_ssn(area, group, serial):
+            return m.group()
+        count += 1
+        return "[REDACTED:ssn]"
+
+    uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
+    if rule_name == "credit_card":
+        return re.sub(r"\d(?:[ -]?\d){12,}", card, text), count
+    return re.sub(r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_rule_texts)
+def test_card_and_ssn_rules_replace_what_a_plain_substitution_would(redactor: Redactor, text: str) -> None:
+    for rule in redactor._rules:
+        if rule.name in ("credit_card", "ssn"):
+            count = [0]
+            assert (rule.apply(text, redactor._replace, count), count[0]) == _reference_apply(rule.name, text)
+
+
+_field_texts = st.one_of(st.none(), _rule_texts, st.sampled_from(["u1", "password=x", "a@b.co", "é 4111111111111111",
+                                                                  "api\x00key", "api", "key=1"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=_rule_texts, user_id=_field_texts, request_id=_field_texts, error_stack=_field_texts,
+       tags=st.one_of(st.none(), st.lists(_field_texts.map(lambda t: t or "t"), min_size=1, max_size=3)),
+       rules=st.sampled_from([["ssn", "credit_card", "secrets"], ["credit_card"],
+                              ["secrets", "ssn", "credit_card", "email", "ipv4", "ipv6"]]))
+def test_a_record_is_redacted_as_its_fields_are_one_by_one(message: str, user_id: str | None,
+                                                           request_id: str | None, error_stack: str | None,
+                                                           tags: list[str] | None, rules: list[str]) -> None:
+    config = RedactConfig(rules=rules)  # type: ignore[arg-type]
+    record = Record("2026-01-01T00:00:00Z", "INFO", "web", message, user_id=user_id, request_id=request_id,
+                    error_stack=error_stack, tags=tags)
+    by_record, by_field = Redactor(config), Redactor(config)
+    out = by_record.redact_record(record)
+    assert out.message == by_field.redact_text(message)
+    for name in ("user_id", "request_id", "error_stack"):
+        value = getattr(record, name)
+        assert getattr(out, name) == (by_field.redact_text(value) if value else value)
+    assert out.tags == ([by_field.redact_text(t) for t in tags] if tags else tags)
+    assert by_record.counts == by_field.counts
+
+
+@pytest.mark.parametrize("pattern", [r"^u\d+", r"u\d+$", r"(?:a|^b)", r"\Asecret", r"key\z", r"[a]^x"])
+def test_anchored_custom_patterns_are_a_config_error(pattern: str) -> None:
+    # A rule is searched for in whole chunks and in a probe of a record's
+    # fields: "^" would match at the start of whatever the search covered.
+    with pytest.raises(ConfigInvalid) as info:
+        convert({"custom": [{"name": "ok", "pattern": "x"}, {"name": "uid", "pattern": pattern}]}, RedactConfig,
+                base_path="agent.redact")
+    assert "agent.redact.custom[1]" in str(info.value)
+    assert "anchor" in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", [r"[^a-z]\d{4}", r"\bu\d+\b", r"cost \$\d+", r"[$^]x", r"[]^]x", r"[[:digit:]^]+"])
+def test_carets_and_dollars_that_are_not_anchors_are_accepted(pattern: str) -> None:
+    rule = convert({"name": "r", "pattern": pattern}, CustomRedactRule, base_path="agent.redact.custom[0]")
+    assert rule.pattern == pattern
