@@ -142,6 +142,7 @@ def main() -> int:
     parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
     parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 5000)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
+    parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
     args = parser.parse_args()
     lines = 100_000 if args.quick else args.lines
     work = Path(tempfile.mkdtemp(prefix="logferry-bench-"))
@@ -193,6 +194,7 @@ def main() -> int:
         "state_dir": str(work / "state"),
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
+        "spool": {"sync": not args.no_spool_sync},
         "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {})},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
     }}))
@@ -264,7 +266,8 @@ def main() -> int:
     print(f"agent peak RSS: {hwm / 1024:.1f} MiB (VmHWM; goal < 64 MiB), ru_maxrss {usage.ru_maxrss / 1024:.1f} MiB; "
           f"{usage.ru_minflt:,} page faults; {usage.ru_nvcsw + usage.ru_nivcsw:,} context switches; "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"redaction: {'off' if args.no_redact else 'on'}; collector: {args.collector}")
+    print(f"redaction: {'off' if args.no_redact else 'on'}; spool sync: {'off' if args.no_spool_sync else 'on'}; "
+          f"collector: {args.collector}")
     if args.profile:
         import pstats
 
