@@ -194,7 +194,7 @@ def main() -> int:
         "state_dir": str(work / "state"),
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
-        "spool": {"sync": not args.no_spool_sync},
+        **({"spool": {"sync": False}} if args.no_spool_sync else {}),
         "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {})},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
     }}))
