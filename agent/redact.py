@@ -19,6 +19,7 @@ issuer, so order ids, UUID fragments and epoch-millisecond timestamps survive.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -123,26 +124,20 @@ def card_issuer(digits: str) -> str | None:
     return None
 
 
-def _card_lengths() -> dict[str, frozenset[int]]:
-    # card_issuer looks at the first four digits and the length only.
-    shared: dict[frozenset[int], frozenset[int]] = {}
-    table = {}
-    for p4 in range(10000):
-        prefix = f"{p4:04d}"
-        lengths = frozenset(n for n in range(13, 20) if card_issuer(prefix + "0" * (n - 4)) is not None)
-        table[prefix] = shared.setdefault(lengths, lengths)
-    return table
-
-
-# The card lengths an issuer takes after each four ASCII digits (none: an empty set).
-_CARD_LENGTHS = _card_lengths()
+@functools.cache  # at most the 10,000 four-digit prefixes: is_card_number asks for no others
+def _card_lengths(prefix: str) -> frozenset[int]:
+    """The card lengths an issuer takes after the four ASCII digits ``prefix``
+    (card_issuer looks at the first four digits and the length only)."""
+    return frozenset(n for n in range(13, 20) if card_issuer(prefix + "0" * (n - 4)) is not None)
 
 
 def is_card_number(digits: str) -> bool:
-    lengths = _CARD_LENGTHS.get(digits[:4])
-    if lengths is None:  # not four ASCII digits: other scripts' digits, or too short
-        return 13 <= len(digits) <= 19 and card_issuer(digits) is not None and luhn_valid(digits)
-    return len(digits) in lengths and luhn_valid(digits)
+    if len(digits) < 13 or len(digits) > 19:
+        return False
+    prefix = digits[:4]
+    if not (prefix.isascii() and prefix.isdigit()):  # other scripts' digits
+        return card_issuer(digits) is not None and luhn_valid(digits)
+    return len(digits) in _card_lengths(prefix) and luhn_valid(digits)
 
 
 def is_ssn(area: str, group: str, serial: str) -> bool:
