@@ -141,6 +141,7 @@ def main() -> int:
                         help="sample the agent with py-spy (if installed) into OUT, collapsed stacks")
     parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
     parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 5000)")
+    parser.add_argument("--max-bytes", help="batch.max_bytes, e.g. 4MiB (default: the agent's, 1MiB)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
     args = parser.parse_args()
@@ -195,7 +196,8 @@ def main() -> int:
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
         **({"spool": {"sync": False}} if args.no_spool_sync else {}),
-        "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {})},
+        "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {}),
+                  **({"max_bytes": args.max_bytes} if args.max_bytes else {})},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
     }}))
     command = [str(BIN / "logferry-agent"), "--log-level", "WARNING", "run", "-c", str(config)]
@@ -215,7 +217,7 @@ def main() -> int:
     spy = None
     if args.py_spy:
         # Samples the agent's threads; py-spy's idle detection misses some waits (fsync, queue gets).
-        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-f", "raw", "-r", "200", "--nonblocking",
+        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-f", "raw", "-r", "200", "--nonblocking", "--gil",
                                 "-o", str(args.py_spy), "--pid", str(agent.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
