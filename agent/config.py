@@ -255,7 +255,8 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True):
     but after a power loss or kernel crash the batches that were in flight
     are gone, so lines of files are read and sent again under new batch ids
     (stored twice if the collector had them) and stdin lines not yet
-    acknowledged are lost. It saves ~3% of the agent's CPU."""
+    acknowledged are lost. It saves about 0.2 ms of CPU a batch written
+    (~0.04 CPU-s per million 190-byte lines)."""
 
     max_bytes: ByteSize = ByteSize(0)
     sync: bool = True
