@@ -149,6 +149,7 @@ def main() -> int:
     parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
     parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 5000)")
     parser.add_argument("--max-bytes", help="batch.max_bytes, e.g. 4MiB (default: the agent's, 1MiB)")
+    parser.add_argument("--read-chunk", help="read_chunk, e.g. 1MiB (default: the agent's, 256KiB)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
     args = parser.parse_args()
@@ -204,6 +205,7 @@ def main() -> int:
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
         "redact": {"enabled": not args.no_redact},
         **({"spool": {"sync": False}} if args.no_spool_sync else {}),
+        **({"read_chunk": args.read_chunk} if args.read_chunk else {}),
         "batch": {"max_wait": "100ms", **({"max_records": args.max_records} if args.max_records else {}),
                   **({"max_bytes": args.max_bytes} if args.max_bytes else {})},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "summary_interval": 0},
