@@ -197,12 +197,15 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     n = len(texts)
     i = 0
     while i < n:
-        for j in range(n - 1, i - 1, -1):
-            length = counts[j + 1] - counts[i]
-            if length < 13:
+        # From the longest sequence of groups from i that holds at most 19
+        # digits down (a bisection, not a walk from the run's end: a long run
+        # of short groups, "0 1 0 1 …", would make that quadratic).
+        top = bisect_right(counts, counts[i] + 19) - 2
+        for j in range(top, i - 1, -1):
+            if counts[j + 1] - counts[i] < 13:
                 j = -1
                 break
-            if length <= 19 and is_card_number("".join(texts[i:j + 1])):
+            if is_card_number("".join(texts[i:j + 1])):
                 break
         else:
             j = -1
@@ -223,15 +226,19 @@ class _CardRule(_Rule):
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
-        # (54538532-8470-7646-…): a window inside a UUID is not a card.
+        # (54538532-8470-7646-…), and so can the digits ending one UUID and
+        # starting the next ("…-bbb4417 4003…"): no group of digits inside a
+        # UUID is part of a card.
         uuids = [u.span() for u in _UUID.finditer(text)] if text.count("-") >= 4 else []
+        uuid_ends = [end for _, end in uuids]
         out: list[str] = []
         pos = 0
         for at, run in _card_runs(text, self.regex):
-            windows = card_windows(run)
-            if windows and uuids:
-                windows = [(start, end) for start, end in windows
-                           if not any(u_start <= at + start and at + end <= u_end for u_start, u_end in uuids)]
+            first = bisect_right(uuid_ends, at)  # the first UUID ending after the run's start
+            if first < len(uuids) and uuids[first][0] < at + len(run):
+                windows = _windows_outside_uuids(run, at, uuids, first)
+            else:
+                windows = card_windows(run)
             for start, end in windows:
                 out.append(text[pos:at + start])
                 out.append(replace(self.name, run[start:end]))
@@ -241,6 +248,33 @@ class _CardRule(_Rule):
             return text
         out.append(text[pos:])
         return "".join(out)
+
+
+def _windows_outside_uuids(run: str, at: int, uuids: list[tuple[int, int]], first: int) -> list[tuple[int, int]]:
+    """card_windows of ``run`` (at offset ``at`` of its text) without the
+    digit groups that lie inside one of ``uuids`` (sorted spans, ``first`` the
+    first ending after ``at``): those split the run into the stretches searched.
+    A group only partly inside ("4111111111111111-e29b-…" holds a UUID's
+    shape from its ninth digit) stays: in doubt, a card."""
+    windows: list[tuple[int, int]] = []
+    index = first
+    piece_start: int | None = None  # where the current stretch of groups outside UUIDs starts
+    piece_end = 0
+    for group in _DIGIT_GROUP.finditer(run):
+        start, end = group.span()
+        while index < len(uuids) and uuids[index][1] <= at + start:
+            index += 1  # UUIDs ending before this group
+        if index < len(uuids) and uuids[index][0] <= at + start and at + end <= uuids[index][1]:  # in a UUID
+            if piece_start is not None:
+                windows += [(piece_start + s, piece_start + e) for s, e in card_windows(run[piece_start:piece_end])]
+                piece_start = None
+            continue
+        if piece_start is None:
+            piece_start = start
+        piece_end = end
+    if piece_start is not None:
+        windows += [(piece_start + s, piece_start + e) for s, e in card_windows(run[piece_start:piece_end])]
+    return windows
 
 
 def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:

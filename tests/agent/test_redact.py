@@ -6,6 +6,7 @@ import re
 import string
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -429,8 +430,21 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
     def card(m: re.Match[str]) -> str:
         nonlocal count
         run, at = m.group(), m.start()
-        windows = [(s, e) for s, e in _reference_card_windows(run)
-                   if not any(u.start() <= at + s and at + e <= u.end() for u in uuids)]
+        # Groups of digits inside a UUID split the run; the pieces between are searched.
+        groups = [g.span() for g in re.finditer(r"\d+", run)]
+        inside = [any(u.start() <= at + s and at + e <= u.end() for u in uuids) for s, e in groups]
+        windows: list[tuple[int, int]] = []
+        k = 0
+        while k < len(groups):
+            if inside[k]:
+                k += 1
+                continue
+            j = k
+            while j + 1 < len(groups) and not inside[j + 1]:
+                j += 1
+            lo, hi = groups[k][0], groups[j][1]
+            windows += [(lo + s, lo + e) for s, e in _reference_card_windows(run[lo:hi])]
+            k = j + 1
         out, pos = [], 0
         for s, e in windows:
             out += [run[pos:s], "[REDACTED:credit_card]"]
@@ -501,3 +515,38 @@ def test_anchored_custom_patterns_are_a_config_error(pattern: str) -> None:
 def test_carets_and_dollars_that_are_not_anchors_are_accepted(pattern: str) -> None:
     rule = convert({"name": "r", "pattern": pattern}, CustomRedactRule, base_path="agent.redact.custom[0]")
     assert rule.pattern == pattern
+
+
+def test_a_long_run_of_short_digit_groups_is_redacted_in_linear_time(redactor: Redactor) -> None:
+    # "0 1 0 1 …" (a matrix or a byte dump): every start once, a few windows
+    # each, not every pair of groups. 128k groups took minutes when the
+    # search walked from the run's end.
+    noise = " ".join(["1"] * 65_536)
+    line = f"{noise} 4111 1111 1111 1111 {noise}"
+    started = time.process_time()
+    out = redactor.redact_text(line)
+    assert time.process_time() - started < 5
+    assert out == f"{noise} [REDACTED:credit_card] {noise}"
+    assert card_windows(line) == [(len(noise) + 1, len(noise) + 20)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.uuids().map(str), min_size=2, max_size=6), seps=st.sampled_from([" ", "-"]),
+       card=card_numbers())
+def test_digits_across_two_uuids_are_no_card_and_a_card_beside_them_is(redactor: Redactor, ids: list[str],
+                                                                        seps: str, card: str) -> None:
+    # "…-bbb4417 4003…": the digits ending one UUID and starting the next can
+    # pass every card check; no group of digits inside a UUID is part of a card.
+    text = seps.join(ids)
+    assert redactor.redact_text(text) == text
+    redacted = redactor.redact_text(f"{text} {card} {text}")
+    assert redacted == f"{text} [REDACTED:credit_card] {text}"
+
+
+def test_uuid_pairs_whose_boundary_digits_pass_the_card_checks_are_kept(redactor: Redactor) -> None:
+    pair = "f893470c-74ed-4498-bbb3-840097435791 8400fb3c-ad8b-41a2-94cd-ea585b26714d"
+    assert is_card_number("3" + "840097435791" + "8400")  # what the search used to take for a card
+    assert redactor.redact_text(pair) == pair
+    # A group only partly inside a UUID's shape stays a card.
+    assert redactor.redact_text("4111111111111111-e29b-41d4-a716-446655440000") == \
+        "[REDACTED:credit_card]-e29b-41d4-a716-446655440000"
