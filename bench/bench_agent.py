@@ -14,6 +14,7 @@ records and answers like the real one), so the figure is the agent's alone;
     python bench/bench_agent.py               # 1M lines
     python bench/bench_agent.py --quick       # 100k lines
     python bench/bench_agent.py --lines 200000 --profile
+    python bench/bench_agent.py --repeat 8      # median, min and max of 8 runs
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import argparse
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +137,43 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
+def repeat(times: int, log: Path | None) -> int:
+    """Run this bench ``times`` times with the same arguments, one process a run."""
+    argv = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--repeat="):
+            skip = False
+            continue
+        if arg == "--repeat":
+            skip = True
+            continue
+        argv.append(arg)
+    cache = None
+    if log is None:
+        cache = Path(tempfile.mkdtemp(prefix="logferry-bench-log-"))
+        argv += ["--log", str(cache / "bench.log")]
+    figures: list[float] = []
+    try:
+        for run in range(1, times + 1):
+            done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
+            found = re.search(r"-> ([0-9.]+) CPU-s per 1M lines", done.stdout)
+            if done.returncode != 0 or found is None:
+                print(done.stdout + done.stderr, file=sys.stderr)
+                print(f"run {run} failed (exit {done.returncode})", file=sys.stderr)
+                return 1
+            figures.append(float(found.group(1)))
+            rss = re.search(r"peak RSS: ([0-9.]+) MiB", done.stdout)
+            peak = rss.group(1) if rss else "?"
+            print(f"run {run}/{times}: {figures[-1]:.2f} CPU-s per 1M lines, peak RSS {peak} MiB", flush=True)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    print(f"agent CPU over {times} runs: median {statistics.median(figures):.2f}, min {min(figures):.2f}, "
+          f"max {max(figures):.2f} CPU-s per 1M lines (Fluent Bit tail+json, no redaction/HTTP: {FLUENT_BIT_CPU_S})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -152,7 +193,12 @@ def main() -> int:
     parser.add_argument("--read-chunk", help="read_chunk, e.g. 1MiB (default: the agent's, 256KiB)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run N times (the log generated once) and print the median, min and max: a small "
+                             "machine's CPU time for the same work drifts by 10-20%% over minutes")
     args = parser.parse_args()
+    if args.repeat > 1:
+        return repeat(args.repeat, args.log)
     lines = 100_000 if args.quick else args.lines
     work = Path(tempfile.mkdtemp(prefix="logferry-bench-"))
     log_path = work / "logs" / "app.log"
