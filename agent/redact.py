@@ -197,6 +197,10 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     n = len(texts)
     i = 0
     while i < n:
+        head = "".join(texts[i:i + 4])[:4]
+        if head.isascii() and len(head) == 4 and not _card_lengths(head):
+            i += 1  # no issuer starts so: no window starts here
+            continue
         # From the longest sequence of groups from i that holds at most 19
         # digits down (a bisection, not a walk from the run's end: a long run
         # of short groups, "0 1 0 1 …", would make that quadratic).
