@@ -15,6 +15,7 @@ records and answers like the real one), so the figure is the agent's alone;
     python bench/bench_agent.py --quick       # 100k lines
     python bench/bench_agent.py --lines 200000 --profile
     python bench/bench_agent.py --repeat 8      # median, min and max of 8 runs
+    python bench/bench_agent.py --repeat 20 --against /tmp/old   # A/B: 20 pairs against another tree
 """
 
 from __future__ import annotations
@@ -137,15 +138,30 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def repeat(times: int, log: Path | None) -> int:
-    """Run this bench ``times`` times with the same arguments, one process a run."""
+def _one_run(argv: list[str], pythonpath: str | None) -> tuple[float, str] | str:
+    """One bench run in its own process: (CPU-s per 1M lines, peak RSS) or what went wrong."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False, env=env)
+    found = re.search(r"-> ([0-9.]+) CPU-s per 1M lines", done.stdout)
+    if done.returncode != 0 or found is None:
+        return f"{done.stdout}{done.stderr}exit {done.returncode}"
+    rss = re.search(r"peak RSS: ([0-9.]+) MiB", done.stdout)
+    return float(found.group(1)), rss.group(1) if rss else "?"
+
+
+def repeat(times: int, log: Path | None, against: Path | None) -> int:
+    """Run this bench ``times`` times with the same arguments, one process a
+    run; with ``against``, ``times`` pairs: this checkout's agent and the one
+    in ``against``, both on PYTHONPATH, in alternating order."""
     argv = []
     skip = False
     for arg in sys.argv[1:]:
-        if skip or arg.startswith("--repeat="):
+        if skip or arg.startswith(("--repeat=", "--against=")):
             skip = False
             continue
-        if arg == "--repeat":
+        if arg in ("--repeat", "--against"):
             skip = True
             continue
         argv.append(arg)
@@ -153,24 +169,35 @@ def repeat(times: int, log: Path | None) -> int:
     if log is None:
         cache = Path(tempfile.mkdtemp(prefix="logferry-bench-log-"))
         argv += ["--log", str(cache / "bench.log")]
-    figures: list[float] = []
+    arms: list[tuple[str, str | None]] = [("", None)]
+    if against is not None:
+        arms = [("this", str(ROOT)), ("other", str(against.resolve()))]
+    figures: dict[str, list[float]] = {name: [] for name, _ in arms}
     try:
         for run in range(1, times + 1):
-            done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
-            found = re.search(r"-> ([0-9.]+) CPU-s per 1M lines", done.stdout)
-            if done.returncode != 0 or found is None:
-                print(done.stdout + done.stderr, file=sys.stderr)
-                print(f"run {run} failed (exit {done.returncode})", file=sys.stderr)
-                return 1
-            figures.append(float(found.group(1)))
-            rss = re.search(r"peak RSS: ([0-9.]+) MiB", done.stdout)
-            peak = rss.group(1) if rss else "?"
-            print(f"run {run}/{times}: {figures[-1]:.2f} CPU-s per 1M lines, peak RSS {peak} MiB", flush=True)
+            shown = []
+            for name, path in arms if run % 2 else arms[::-1]:
+                result = _one_run(argv, path)
+                if isinstance(result, str):
+                    print(result, file=sys.stderr)
+                    print(f"run {run} ({name or 'the agent'}) failed", file=sys.stderr)
+                    return 1
+                figures[name].append(result[0])
+                shown.append(f"{name + ' ' if name else ''}{result[0]:.2f} CPU-s (peak RSS {result[1]} MiB)")
+            print(f"run {run}/{times}: " + ", ".join(shown), flush=True)
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
-    print(f"agent CPU over {times} runs: median {statistics.median(figures):.2f}, min {min(figures):.2f}, "
-          f"max {max(figures):.2f} CPU-s per 1M lines (Fluent Bit tail+json, no redaction/HTTP: {FLUENT_BIT_CPU_S})")
+    for name, values in figures.items():
+        label = f" ({name})" if name else ""
+        print(f"agent CPU{label} over {times} runs: median {statistics.median(values):.2f}, "
+              f"min {min(values):.2f}, max {max(values):.2f} CPU-s per 1M lines "
+              f"(Fluent Bit tail+json, no redaction/HTTP: {FLUENT_BIT_CPU_S})")
+    if against is not None:
+        diffs = [a - b for a, b in zip(figures["this"], figures["other"], strict=True)]
+        print(f"this - other, per pair: median {statistics.median(diffs):+.3f}, "
+              f"mean {statistics.mean(diffs):+.3f} CPU-s; this lower in {sum(d < 0 for d in diffs)} of {times} pairs "
+              "(same code: about half, and 6 pairs can differ by 10%)")
     return 0
 
 
@@ -196,9 +223,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run N times (the log generated once) and print the median, min and max: a small "
                              "machine's CPU time for the same work drifts by 10-20%% over minutes")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="with --repeat N: N pairs of runs, this checkout's agent and the `agent` package in DIR "
+                             "(e.g. `git archive REV agent | tar -x -C DIR`), in alternating order")
     args = parser.parse_args()
-    if args.repeat > 1:
-        return repeat(args.repeat, args.log)
+    if args.against is not None and not (args.against / "agent" / "__init__.py").is_file():
+        parser.error(f"--against {args.against}: no agent package there")
+    if args.repeat > 1 or args.against is not None:
+        return repeat(max(args.repeat, 2), args.log, args.against)
     lines = 100_000 if args.quick else args.lines
     work = Path(tempfile.mkdtemp(prefix="logferry-bench-"))
     log_path = work / "logs" / "app.log"
