@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.config import MultilineConfig, SourceConfig
 from agent.multiline import MultilineJoiner
-from agent.parsers import LineParser, normalise_level, parse_syslog
+from agent.parsers import _COMBINED, LineParser, normalise_level, parse_syslog
 
 
 def parser(fmt: str = "json", **kw: Any) -> LineParser:
@@ -152,6 +155,34 @@ def test_combined_access_log_fills_ip_user_agent_and_duration() -> None:
     assert r.timestamp == "2026-11-25T04:00:00+01:00" and r.context["path"] == "/api/x?y=1"
     r = one(parser("apache"), '::1 - - [25/Nov/2026:04:00:00 +0000] "POST /f HTTP/1.0" 404 - "-" "curl" 1500')
     assert (r.duration_ms, r.level) == (1.5, "WARN")
+
+
+def test_combined_quoted_fields_keep_escaped_quotes_and_a_bad_time_is_a_parse_error() -> None:
+    line = ('10.0.0.1 - - [01/Dec/2026:23:59:59 -0500] "GET /q?s=\\"x\\" HTTP/1.1" 200 5 '
+            '"-" "bot \\"quoted\\" 1.0"')
+    r = one(parser("nginx"), line)
+    assert r.context["path"] == '/q?s=\\"x\\"' and r.user_agent == 'bot \\"quoted\\" 1.0'
+    assert r.timestamp == "2026-12-01T23:59:59-05:00"
+    bad = one(parser("nginx"), line.replace("01/Dec/2026", "31/Feb/2026"))
+    assert bad.tags is not None and "parse_error" in bad.tags
+
+
+_OLD_COMBINED = re.compile(  # the pattern before its quoted fields were unrolled
+    r'^(?P<ip>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]+)\] '
+    r'"(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+|-)'
+    r'(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
+    r'(?P<extra>.*)$'
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(st.sampled_from(['"', '\\', '\\"', "a", " ", "GET /", "200", "-", "\n", "é"]), max_size=12),
+       tail=st.sampled_from(["", " 0.25", ' "-" "curl"', ' "x\\"" "y" 12']))
+def test_combined_pattern_matches_as_before(parts: list[str], tail: str) -> None:
+    quoted = "".join(parts)
+    line = f'1.2.3.4 - - [01/Dec/2026:00:00:00 +0000] "{quoted}" 200 5{tail}'
+    old, new = _OLD_COMBINED.match(line), _COMBINED.match(line)
+    assert (old.groupdict() if old else None) == (new.groupdict() if new else None)
 
 
 def test_python_traceback_becomes_one_record_with_error_stack() -> None:
