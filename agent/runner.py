@@ -58,7 +58,7 @@ from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
 from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
-from agent.wire import LINES_FEATURE, Batch, Lines, Record, decode_msgpack_batch, encode_batch, encode_batch_into
+from agent.wire import Batch, Lines, Record, decode_msgpack_batch, encode_batch, encode_batch_into, lines_feature
 
 log = logging.getLogger("logferry.agent")
 
@@ -107,7 +107,7 @@ Item = Record | RawRun
 
 class SourcePipeline:
     """Lines of one source to redacted records, or to runs of lines shipped as
-    read for the collector to parse (JSON sources, once the collector says it
+    read for the collector to parse (JSON, logfmt and plain sources, once the collector says it
     can: lines where the redaction prefilter finds nothing need no parsing
     here, and parsing them once, there, costs the agent nothing)."""
 
@@ -120,6 +120,8 @@ class SourcePipeline:
         self.can_ship_lines = (cfg.format in SHIPPED_FORMATS and cfg.multiline is None
                                and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8"))
         self.ship_lines = False
+        # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
+        self.quoted_json = cfg.format in ("json", "logfmt")
         self.tags = list(cfg.tags) or None
         self.fields = dict(cfg.fields) or None
 
@@ -177,7 +179,7 @@ class SourcePipeline:
         read_at = time.time()
         base = chunk.base
         redactor = self.redactor
-        hits = redactor.hit_positions(body, size, json=True) if redactor.active else []
+        hits = redactor.hit_positions(body, size, json=self.quoted_json) if redactor.active else []
         if not hits:
             count = body.count(b"\n", 0, size)
             self.metrics.lines_read += count
@@ -392,6 +394,7 @@ class Agent:
         # Whether the collector said it parses lines shipped as read: until it
         # does, every line goes as a record.
         self._lines_known = False
+        self._lines_features: frozenset[str] = frozenset()  # what the collector said it parses (lines_feature)
         self._answered = False
 
     # --- setup -----------------------------------------------------------------
@@ -919,18 +922,21 @@ class Agent:
             answer.rejected = []
         return again, await shipper.deliver(again, pending.content_encoding)
 
-    def _collector_lines(self, able: bool) -> None:
-        """The collector can (or cannot) parse lines shipped as read."""
+    def _collector_lines(self, able: bool, features: Sequence[str] | None = None) -> None:
+        """The collector can (or cannot) parse lines shipped as read, of the
+        formats its ``features`` name (None: those it named before)."""
+        if features is not None:
+            self._lines_features = frozenset(features)
         for p in self.pipelines:
-            p.ship_lines = able and p.can_ship_lines
+            p.ship_lines = able and p.can_ship_lines and lines_feature(p.cfg.format) in self._lines_features
         self._lines_known = able
 
     def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery) -> None:
         self._answered = True
         if delivery.stored:
             answer = delivery.response
-            if not self._lines_known and answer is not None and LINES_FEATURE in answer.features:
-                self._collector_lines(True)
+            if not self._lines_known and answer is not None and lines_feature("json") in answer.features:
+                self._collector_lines(True, answer.features)
             self.metrics.batches_shipped += 1
             rejected = answer.rejected if answer is not None else []
             if answer is not None and answer.duplicate:

@@ -107,7 +107,7 @@ class Lines(msgspec.Struct, omit_defaults=True):
     """Lines of one file shipped as they were read, for the collector to parse
     with the agent's parser settings (an extension of api.md's batch).
 
-    The agent ships a JSON source's lines this way when its redaction
+    The agent ships a JSON, logfmt or plain source's lines this way when its redaction
     prefilter found nothing in them: parsing is then done once, by the
     collector, with the same code (:func:`agent.parsers.parse_shipped_lines`),
     so the records are the ones the agent would have built. ``data`` is the
@@ -144,8 +144,15 @@ class Batch(msgspec.Struct, omit_defaults=True):
 
 
 # What a collector that parses shipped lines says in its ingest answers; an
-# agent ships Lines only to a collector that said it.
+# agent ships Lines only to a collector that said it. "lines" covers JSON;
+# other formats have their own (lines_feature).
 LINES_FEATURE = "lines"
+
+
+def lines_feature(fmt: str) -> str:
+    """The feature a collector names when it parses lines of format ``fmt``
+    shipped as read: ``lines`` for JSON (the first), ``lines:<format>`` for the others."""
+    return LINES_FEATURE if fmt == "json" else f"{LINES_FEATURE}:{fmt}"
 
 
 class _RawBatch(msgspec.Struct):

@@ -49,6 +49,12 @@ ACK_SERVER = textwrap.dedent(
     from aiohttp import web
     from agent.parsers import parse_shipped_lines
     from agent.wire import LINES_FEATURE, decode_msgpack_batch
+    try:  # the formats it parses as shipped lines, as the collector says them
+        from agent.parsers import SHIPPED_FORMATS
+        from agent.wire import lines_feature
+        FEATURES = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS)
+    except ImportError:  # an agent tree from before other formats than JSON were shipped as read
+        FEATURES = [LINES_FEATURE]
     seen = set()
     count = 0
     COUNT_ONLY = sys.argv[2] == "count"
@@ -58,7 +64,7 @@ ACK_SERVER = textwrap.dedent(
         batch = decode_msgpack_batch(body)
         if batch.batch_id in seen:
             return web.json_response({"accepted": 0, "rejected": [], "duplicate": True,
-                                      "features": [LINES_FEATURE]})
+                                      "features": FEATURES})
         seen.add(batch.batch_id)
         # Lines shipped as read are parsed as the collector parses them.
         accepted = len(batch.records)
@@ -73,7 +79,7 @@ ACK_SERVER = textwrap.dedent(
             lines += n
         count += accepted
         return web.json_response({"accepted": accepted, "rejected": [], "duplicate": False,
-                                  "features": [LINES_FEATURE], "lines": lines})
+                                  "features": FEATURES, "lines": lines})
     async def stats(request):
         return web.json_response({"records": count})
     app = web.Application(client_max_size=64 << 20)
@@ -99,23 +105,38 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
-def generate(path: Path, lines: int, seed: int = 7) -> int:
+def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
+    """``lines`` log lines in ``fmt`` (json, logfmt or nginx), 1% of them with
+    a card number or an SSN; the same content whatever the format."""
     rng = random.Random(seed)
     size = 0
     start = time.time() - lines / 1000
     with path.open("w") as out:
         for i in range(lines):
-            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + i / 1000)) + f".{i % 1000:03d}Z"
-            message = (f"{rng.choice(['GET', 'POST', 'PUT'])} {rng.choice(PATHS)}/{rng.randint(1, 99999)} "
-                       f"completed status={rng.choice([200, 200, 200, 201, 404, 500])}")
+            when = time.gmtime(start + i / 1000)
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", when) + f".{i % 1000:03d}Z"
+            method, target = rng.choice(["GET", "POST", "PUT"]), f"{rng.choice(PATHS)}/{rng.randint(1, 99999)}"
+            status = rng.choice([200, 200, 200, 201, 404, 500])
+            secret = ""
             if i % 100 == 0:
-                message += (f" card {rng.choice(CARDS)}" if i % 200 == 0
-                            else f" ssn {rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}")
-            line = json.dumps({
-                "ts": ts, "level": rng.choice(LEVELS), "msg": message,
-                "request_id": str(uuid.UUID(int=rng.getrandbits(128))),
-                "user_id": f"u{rng.randint(1, 50000)}", "duration_ms": round(rng.random() * 300, 2),
-            }, separators=(",", ":"))
+                secret = (f"card {rng.choice(CARDS)}" if i % 200 == 0
+                          else f"ssn {rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}")
+            level, request_id = rng.choice(LEVELS), str(uuid.UUID(int=rng.getrandbits(128)))
+            user_id, duration = f"u{rng.randint(1, 50000)}", round(rng.random() * 300, 2)
+            if fmt == "nginx":
+                query = f"?note={secret.replace(' ', '-')}" if secret else ""
+                line = (f"10.{i % 200}.{rng.randint(0, 255)}.{rng.randint(1, 254)} - {user_id} "
+                        f"[{time.strftime('%d/%b/%Y:%H:%M:%S +0000', when)}] \"{method} {target}{query} HTTP/1.1\" "
+                        f"{status} {rng.randint(200, 20000)} \"-\" \"Mozilla/5.0 (X11; Linux x86_64) "
+                        f"req/{request_id}\" {duration / 1000:.3f}")
+            else:
+                message = f"{method} {target} completed status={status}" + (f" {secret}" if secret else "")
+                if fmt == "logfmt":
+                    line = (f'ts={ts} level={level} msg="{message}" request_id={request_id} user_id={user_id} '
+                            f"duration_ms={duration}")
+                else:
+                    line = json.dumps({"ts": ts, "level": level, "msg": message, "request_id": request_id,
+                                       "user_id": user_id, "duration_ms": duration}, separators=(",", ":"))
             out.write(line + "\n")
             size += len(line) + 1
     return size
@@ -205,6 +226,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100k lines")
+    parser.add_argument("--format", choices=["json", "logfmt", "nginx"], default="json",
+                        help="the log's format (json: lines without a hit ship as read; the others are parsed "
+                             "on the agent, every line)")
     parser.add_argument("--collector", choices=["ack", "ack-count", "real"], default="ack",
                         help="ack: an ack server that parses the lines shipped as read, as the collector does; "
                              "ack-count: one that only counts them (less CPU beside the agent); real: the collector")
@@ -237,13 +261,14 @@ def main() -> int:
     log_path.parent.mkdir()
     t0 = time.monotonic()
     if args.log is not None:
-        cached = args.log.with_name(f"{args.log.name}.{lines}")
+        suffix = "" if args.format == "json" else f".{args.format}"
+        cached = args.log.with_name(f"{args.log.name}.{lines}{suffix}")
         if not cached.exists():
-            generate(cached, lines)
+            generate(cached, lines, fmt=args.format)
         os.link(cached, log_path)
         size = log_path.stat().st_size
     else:
-        size = generate(log_path, lines)
+        size = generate(log_path, lines, fmt=args.format)
     print(f"generated {lines} lines, {size / 1e6:.1f} MB ({size / lines:.0f} B/line) in {time.monotonic() - t0:.1f}s")
 
     env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
@@ -280,7 +305,7 @@ def main() -> int:
         "collector": {"url": url, "token": token,
                       **({"zstd_level": args.zstd_level} if args.zstd_level is not None else {})},
         "state_dir": str(work / "state"),
-        "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": "json"}],
+        "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": args.format}],
         "redact": {"enabled": not args.no_redact},
         **({"spool": {"sync": False}} if args.no_spool_sync else {}),
         **({"read_chunk": args.read_chunk} if args.read_chunk else {}),

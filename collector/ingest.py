@@ -36,10 +36,9 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from agent.parsers import parse_shipped_lines
+from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
 from agent.redact import Redactor
 from agent.wire import (
-    LINES_FEATURE,
     DecodedBatch,
     Level,
     Record,
@@ -47,6 +46,7 @@ from agent.wire import (
     decode_json_batch,
     decode_msgpack_batch,
     decode_ndjson,
+    lines_feature,
     parse_level,
     parse_timestamp,
 )
@@ -406,8 +406,9 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
 SUPPORTED_ENCODINGS = ("", "identity", "zstd", "gzip", "x-gzip", "deflate")
 
 
-# Told to agents in every ingest answer (see agent.wire.LINES_FEATURE).
-FEATURES = [LINES_FEATURE]
+# Told to agents in every ingest answer (see agent.wire.LINES_FEATURE):
+# the formats whose lines this collector parses when shipped as read.
+FEATURES = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS)
 
 
 class UnsupportedMedia(Exception):

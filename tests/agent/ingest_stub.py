@@ -17,8 +17,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from agent.parsers import parse_shipped_lines
-from agent.wire import LINES_FEATURE, Record, decode_msgpack_batch
+from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
+from agent.wire import Record, decode_msgpack_batch, lines_feature
 
 
 class IngestStub:
@@ -70,7 +70,7 @@ class IngestStub:
         self.encodings.append(request.headers.get("Content-Encoding", "identity"))
         batch = decode_msgpack_batch(body)
         self.redacted_with.append(batch.redacted_with)
-        features = [LINES_FEATURE] if self.lines_feature else []
+        features = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS) if self.lines_feature else []
         lines = 0
         if batch.lines:
             self.lines_posts += 1

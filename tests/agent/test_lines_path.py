@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,8 +31,8 @@ SENSITIVE = [f"card {CARD}", "ssn 123-45-6789", "mail bob@example.com", "passwor
              "order 1234567890123456789", "at 1764550000000"]
 
 
-def pipeline(ship_lines: bool, **source: Any) -> SourcePipeline:
-    cfg = SourceConfig(path="x", source="app", format="json", **source)
+def pipeline(ship_lines: bool, fmt: str = "json", **source: Any) -> SourcePipeline:
+    cfg = SourceConfig(path="x", source="app", format=fmt, **source)  # type: ignore[arg-type]
     p = SourcePipeline(cfg, "host-1", Redactor(RedactConfig()), AgentMetrics())
     p.ship_lines = ship_lines
     return p
@@ -124,11 +125,47 @@ def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data
                                                           500 + boundary - len(before))
 
 
-def test_non_json_sources_and_multiline_sources_never_ship_lines() -> None:
+def test_which_sources_ship_lines() -> None:
+    # JSON, logfmt and plain lines: their records hold only text of the line.
+    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain"))
+    # Not the formats whose records hold text the raw line does not (see SHIPPED_FORMATS),
+    # nor multiline entries or encodings other than UTF-8.
+    assert not any(pipeline(True, fmt).can_ship_lines for fmt in ("nginx", "apache", "syslog"))
+    assert not pipeline(True, "regex", pattern=r"(?P<message>.*)").can_ship_lines
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
-    cfg = SourceConfig(path="x", source="app", format="logfmt")
-    assert not SourcePipeline(cfg, "h", Redactor(RedactConfig()), AgentMetrics()).can_ship_lines
-    assert pipeline(True).can_ship_lines
+    assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
+
+
+def _logfmt_line(i: int, noise: str, secret: str, in_context: bool) -> str:
+    # Quoted values are JSON strings (escapes included: json.dumps writes é as \u00e9).
+    line = f"ts=2026-12-01T00:00:{i % 60:02d}.000Z level=warn msg={json.dumps(f'{noise} {secret}')}"
+    if in_context:
+        line += f" field={json.dumps(secret)} note={secret.split(' ')[-1] or 'x'}"
+    return line
+
+
+def _plain_line(i: int, noise: str, secret: str, in_context: bool) -> str:
+    return f"2026-12-01 00:00:{i % 60:02d},{i % 1000:03d} {'ERROR' if in_context else 'INFO'} {noise} {secret}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line)]))
+def test_logfmt_and_plain_lines_path_stores_the_records_of_the_records_path(
+        texts: list[tuple[str, str, bool]], fmt: tuple[str, Any]) -> None:
+    name, make = fmt
+    lines = [make(i, noise, secret, flag) for i, (noise, secret, flag) in enumerate(texts)]
+    records_path, lines_path = pipeline(False, name), pipeline(True, name)
+    records_path.parser.fixed_now = "2026-12-01T00:00:00.000Z"  # lines whose own timestamp does not parse
+    plain_items, plain_count, plain_end = records_path.process(None, chunk_of(lines), "/f.log", 0.0)
+    chunk = chunk_of(lines)
+    items, count, end = lines_path.process(None, chunk, "/f.log", 0.0)
+    assert (count, end) == (plain_count, plain_end) == (len(lines), chunk.end)
+    stored = expand(items)
+    fixed = [msgspec.structs.replace(r, timestamp="2026-12-01T00:00:00.000Z") if r.timestamp.startswith("20")
+             and not r.timestamp.startswith("2026-12-01T00:00:") else r for r in stored]
+    assert {r.offset: r for r in fixed} == {r.offset: r for r in plain_items}  # type: ignore[union-attr]
+    text = json.dumps([msg for r in fixed for msg in (r.message, r.context)])
+    assert CARD not in text and "123-45-6789" not in text and "hunter2" not in text
 
 
 def _json_source(tmp_path: Path) -> dict[str, Any]:
@@ -161,6 +198,29 @@ async def test_every_line_stored_once_across_batch_boundaries(tmp_path, stub, st
     assert running.agent.metrics.records_shipped == 300
     # Every batch names the rules it was redacted with (the collector skips redacting it again if they are its own).
     assert set(stub.redacted_with) == {Redactor(RedactConfig()).fingerprint}
+
+
+async def test_logfmt_lines_ship_as_read_only_to_a_collector_that_names_the_format(tmp_path, stub,
+                                                                                   start_agent) -> None:
+    log = tmp_path / "logs" / "a.log"
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "logfmt"}
+    lines = [f'ts=2026-12-01T00:00:00Z level=info msg="line {i:04d}{f" {CARD}" if i % 17 == 0 else ""}"'
+             for i in range(200)]
+    write_lines(log, lines[:5])
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], batch={"max_records": 30}))
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch")
+    write_lines(log, lines[5:100])
+    await eventually(lambda: len(stub.messages()) == 100, what="every line")
+    assert sorted(stub.messages()) == _expected(0, 100)
+    assert stub.lines_posts > 0, "logfmt lines were shipped as read"
+    assert all(r.level == "INFO" and r.timestamp.startswith("2026-12-01T00:00:00") for r in stub.records)
+    # A collector that parses JSON lines only (it names "lines" but not "lines:logfmt"): records.
+    running.agent._collector_lines(True, ["lines"])
+    posts = stub.lines_posts
+    write_lines(log, lines[100:200])
+    await eventually(lambda: len(stub.messages()) == 200, what="the rest")
+    assert stub.lines_posts == posts and sorted(stub.messages()) == _expected(0, 200)
 
 
 async def test_an_older_collector_gets_records_only(tmp_path, stub, start_agent) -> None:
@@ -277,3 +337,19 @@ def test_a_last_line_without_newline_goes_as_a_record() -> None:
     assert count == 1 and end == 500 + len(line) and len(items) == 1
     assert isinstance(items[0], Record) and items[0].message == "last words [REDACTED:credit_card]"
     assert items[0].offset == 500
+
+
+def test_logfmt_escapes_that_hide_a_card_from_the_raw_line_make_it_a_hit() -> None:
+    # Quoted logfmt values are JSON strings: "\u00e94111…" decodes to "é4111…"
+    # (a card after a letter) and "\u0034111…" to "4111…"; the raw bytes hold
+    # neither. Such lines must be parsed and redacted on the agent.
+    lines = ['ts=2026-12-01T00:00:00Z msg="paid \\u00e94111 1111 1111 1111"',
+             'ts=2026-12-01T00:00:01Z msg="paid \\u0034111 1111 1111 1111"',
+             'ts=2026-12-01T00:00:02Z msg="ssn 123\\u002d45-6789"',
+             "ts=2026-12-01T00:00:03Z msg=fine"]
+    items, count, _ = pipeline(True, "logfmt").process(None, chunk_of(lines), "/f.log", 0.0)
+    assert count == 4
+    stored = {r.offset: r.message for r in expand(items)}
+    assert list(stored.values()) == ["paid é[REDACTED:credit_card]", "paid [REDACTED:credit_card]",
+                                     "ssn [REDACTED:ssn]", "fine"]
+    assert [type(i).__name__ for i in items] == ["Record", "Record", "Record", "RawRun"]

@@ -16,6 +16,9 @@ import zstandard
 from agent.wire import Batch, Record, encode_batch
 from collector import appkeys
 
+# What the collector says it parses when shipped as read (agent.wire.lines_feature).
+FEATURES = ["lines", "lines:logfmt", "lines:plain"]
+
 MSGPACK = {"Content-Type": "application/msgpack"}
 
 
@@ -54,7 +57,7 @@ async def test_msgpack_zstd_batch_is_stored_with_every_field(ingest, storage):
             error_stack="Traceback ...", tags=["billing", "eu"], file="/var/log/app.log", offset=1234)
     resp = await ingest(zstandard.compress(encode_batch(batch([r]))), {"Content-Encoding": "zstd"})
     assert resp.status == 200, await resp.text()
-    assert await resp.json() == {"accepted": 1, "rejected": [], "duplicate": False, "features": ["lines"]}
+    assert await resp.json() == {"accepted": 1, "rejected": [], "duplicate": False, "features": FEATURES}
     [row] = await stored(storage)
     assert row["level"] == "WARN"
     assert json.loads(row["context"]) == {"order": 42, "nested": {"a": [1, 2]}}
@@ -183,7 +186,7 @@ async def test_a_resent_batch_is_stored_once_even_after_a_restart(make_client, m
     await first.close()
     second = await make_client(make_config())  # a new collector on the same storage
     out = await (await second.post("/v1/ingest", data=body, headers=headers)).json()
-    assert out == {"accepted": 0, "rejected": [], "duplicate": True, "features": ["lines"]}
+    assert out == {"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES}
     assert len(await stored(storage)) == 2
 
 
@@ -201,7 +204,7 @@ async def test_a_batch_is_known_as_stored_by_the_insert_that_stored_its_logs(mak
     client = await make_client(make_config())  # the restarted collector
     token = tokens.create("ingest")
     resp = await client.post("/v1/ingest", data=encode_batch(sent), headers={**MSGPACK, **tokens.headers(token)})
-    assert await resp.json() == {"accepted": 0, "rejected": [], "duplicate": True, "features": ["lines"]}
+    assert await resp.json() == {"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES}
     assert len(await stored(storage)) == 2
 
 

@@ -17,6 +17,9 @@ from agent.wire import Batch, Lines, Record, encode_batch
 from collector import appkeys
 from collector.ingest import BATCH_NAMESPACE
 
+# What the collector says it parses when shipped as read (agent.wire.lines_feature).
+FEATURES = ["lines", "lines:logfmt", "lines:plain"]
+
 MSGPACK = {"Content-Type": "application/msgpack"}
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
 NOW_ISO = NOW.isoformat()
@@ -84,7 +87,7 @@ async def test_lines_are_stored_after_the_body_records_with_deterministic_ids(in
     sent = batch([rec("body zero"), rec("body one")], [group(lines, at=at, tags=["prod"])], batch_id="lines-1")
     resp = await ingest(body_of(sent))
     assert resp.status == 200, await resp.text()
-    assert await resp.json() == {"accepted": 6, "rejected": [], "duplicate": False, "features": ["lines"],
+    assert await resp.json() == {"accepted": 6, "rejected": [], "duplicate": False, "features": FEATURES,
                                  "lines": 5}
 
     rows = {row["message"]: row for row in await stored(storage)}
@@ -110,13 +113,13 @@ async def test_lines_are_stored_after_the_body_records_with_deterministic_ids(in
     assert {m: str(row["id"]) for m, row in rows.items()} == {m: f"{prefix}{i:012x}" for m, i in indexes.items()}
 
     again = await (await ingest(body_of(sent))).json()
-    assert again["duplicate"] is True and again["accepted"] == 0 and again["features"] == ["lines"]
+    assert again["duplicate"] is True and again["accepted"] == 0 and again["features"] == FEATURES
     assert len(await stored(storage)) == 6
 
 
 async def test_a_batch_without_lines_has_no_lines_count(ingest: Any) -> None:
     out = await (await ingest(body_of(batch([rec("only a record")], [])))).json()
-    assert out == {"accepted": 1, "rejected": [], "duplicate": False, "features": ["lines"]}
+    assert out == {"accepted": 1, "rejected": [], "duplicate": False, "features": FEATURES}
 
 
 async def test_rejected_lines_are_reported_by_body_count_plus_line_number(ingest: Any, storage: Any) -> None:
@@ -173,6 +176,27 @@ async def test_lines_of_a_batch_not_marked_redacted_are_redacted_by_the_collecto
     assert card not in line_row["message"] and "4111" not in line_row["message"]
     assert "hunter2" not in line_row["context"] and json.loads(line_row["context"])["order"] == 7
     assert "4111" not in rows["web"]["message"]
+
+
+async def test_logfmt_and_plain_lines_are_parsed_as_the_agent_parses_them(ingest: Any, storage: Any) -> None:
+    stamp = NOW.strftime("%Y-%m-%dT%H:%M:%S.123Z")
+    logfmt = [f'ts={stamp} level=warn msg="disk \\"sda\\" at 91%" user_id=u7 volume=sda'.encode(),
+              b"no pairs here"]
+    plain = [NOW.strftime("%Y-%m-%d %H:%M:%S,123").encode() + b" ERROR worker 3 died",
+             b"a line without a timestamp"]
+    at = read_at()
+    sent = batch([], [group(logfmt, source="app-logfmt", format="logfmt"),
+                      group(plain, source="app-plain", format="plain", at=at)])
+    out = await (await ingest(body_of(sent))).json()
+    assert (out["accepted"], out["lines"], out["rejected"]) == (4, 4, [])
+    rows = {row["message"]: row for row in await stored(storage)}
+    disk = rows['disk "sda" at 91%']
+    assert (disk["source"], disk["level"], disk["user_id"]) == ("app-logfmt", "WARN", "u7")
+    assert json.loads(disk["context"]) == {"volume": "sda"} and disk["timestamp"] == naive(NOW)
+    assert rows["no pairs here"]["tags"] == ["parse_error"]
+    died = rows["worker 3 died"]
+    assert (died["source"], died["level"], died["timestamp"]) == ("app-plain", "ERROR", naive(NOW))
+    assert rows["a line without a timestamp"]["timestamp"] == naive(dt.datetime.fromtimestamp(at, dt.UTC))
 
 
 async def test_fields_naming_one_key_for_two_record_fields_is_not_a_server_error(ingest: Any,
