@@ -811,13 +811,17 @@ def parse_combined(text: str) -> dict[str, Any] | None:
 # --- lines shipped as read (parsed by the collector) ----------------------------------
 
 _SHIPPED_PARSERS: dict[tuple[Any, ...], LineParser] = {}
-# Formats whose records hold only text of the line (substrings, or JSON
-# strings decoded, which the prefilter's escape patterns cover), so the
-# redaction prefilter's verdict on the raw line holds for the record. Not
-# nginx/apache (the message joins the request and the status: "…/1-2-3 200"
-# is text no raw line holds in one piece), syslog (structured data is
-# unescaped) or regex (the pattern does not travel with the lines).
-SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain"})
+# Formats an agent ships as read when the redaction prefilter finds nothing
+# in a line. JSON, logfmt and plain records hold only text of the line
+# (substrings, or JSON strings decoded, whose escapes the prefilter counts as
+# hits), so the prefilter's verdict on the raw line holds for the record.
+# nginx/apache records also join text: the message is the request and the
+# status ("GET /1-2-3 200"), which no raw line holds in one piece, so the
+# collector redacts the records of JOINED_FORMATS whatever rules the agent
+# applied. Not syslog (structured data is unescaped) or regex (the pattern
+# does not travel with the lines).
+SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "nginx", "apache"})
+JOINED_FORMATS = frozenset({"nginx", "apache"})
 
 
 def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record]], int, int]:

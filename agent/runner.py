@@ -53,7 +53,7 @@ from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
-from agent.parsers import SHIPPED_FORMATS, LineParser, parse_shipped_lines
+from agent.parsers import JOINED_FORMATS, SHIPPED_FORMATS, LineParser, parse_shipped_lines
 from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
@@ -107,7 +107,7 @@ Item = Record | RawRun
 
 class SourcePipeline:
     """Lines of one source to redacted records, or to runs of lines shipped as
-    read for the collector to parse (JSON, logfmt and plain sources, once the collector says it
+    read for the collector to parse (JSON, logfmt, plain and nginx/Apache sources, once it says it
     can: lines where the redaction prefilter finds nothing need no parsing
     here, and parsing them once, there, costs the agent nothing)."""
 
@@ -232,6 +232,10 @@ class SourcePipeline:
         redactor = self.redactor
         if not redactor.active:
             return records
+        if self.cfg.format in JOINED_FORMATS:
+            # Their records join text of the line (see SHIPPED_FORMATS): the
+            # raw line's verdict does not cover them, each record is looked at.
+            return [redactor.redact_record(r) for r in records]
         hits = redactor.hit_positions(body, json=self.cfg.format == "json") if body else []
         if not hits:
             return records

@@ -107,7 +107,7 @@ class Lines(msgspec.Struct, omit_defaults=True):
     """Lines of one file shipped as they were read, for the collector to parse
     with the agent's parser settings (an extension of api.md's batch).
 
-    The agent ships a JSON, logfmt or plain source's lines this way when its redaction
+    The agent ships the lines of a source in SHIPPED_FORMATS this way when its redaction
     prefilter found nothing in them: parsing is then done once, by the
     collector, with the same code (:func:`agent.parsers.parse_shipped_lines`),
     so the records are the ones the agent would have built. ``data`` is the

@@ -106,7 +106,7 @@ def _vm_hwm(pid: int) -> int:
 
 
 def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
-    """``lines`` log lines in ``fmt`` (json, logfmt or nginx), 1% of them with
+    """``lines`` log lines in ``fmt`` (json, logfmt, plain or nginx), 1% of them with
     a card number or an SSN; the same content whatever the format."""
     rng = random.Random(seed)
     size = 0
@@ -134,6 +134,9 @@ def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
                 if fmt == "logfmt":
                     line = (f'ts={ts} level={level} msg="{message}" request_id={request_id} user_id={user_id} '
                             f"duration_ms={duration}")
+                elif fmt == "plain":
+                    line = (f"{ts[:10]} {ts[11:23]} {level.upper()} {message} request_id={request_id} "
+                            f"user_id={user_id} took {duration} ms")
                 else:
                     line = json.dumps({"ts": ts, "level": level, "msg": message, "request_id": request_id,
                                        "user_id": user_id, "duration_ms": duration}, separators=(",", ":"))
@@ -226,7 +229,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100k lines")
-    parser.add_argument("--format", choices=["json", "logfmt", "nginx"], default="json",
+    parser.add_argument("--format", choices=["json", "logfmt", "plain", "nginx"], default="json",
                         help="the log's format (json: lines without a hit ship as read; the others are parsed "
                              "on the agent, every line)")
     parser.add_argument("--collector", choices=["ack", "ack-count", "real"], default="ack",

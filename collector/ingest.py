@@ -36,7 +36,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
+from agent.parsers import JOINED_FORMATS, SHIPPED_FORMATS, parse_shipped_lines
 from agent.redact import Redactor
 from agent.wire import (
     DecodedBatch,
@@ -432,11 +432,13 @@ def decode_body(body: bytes, content_type: str) -> DecodedBatch:
 MAX_FUTURE = dt.timedelta(days=1)
 
 
-def add_shipped_lines(batch: DecodedBatch) -> tuple[int, int]:
+def add_shipped_lines(batch: DecodedBatch, redactor: Redactor | None = None) -> tuple[int, int]:
     """Parse the lines an agent shipped as read (``batch.lines``) into
     ``batch.records``, numbered after the body's records; a group whose
     settings are invalid rejects each of its lines with the reason.
-    Returns the number of lines and of lines that did not parse."""
+    ``redactor``: redacts the records of JOINED_FORMATS groups (for a batch
+    the rest of which is not redacted here). Returns the number of lines and
+    of lines that did not parse."""
     index = batch.lines_index
     total = parse_errors = 0
     for group in batch.lines:
@@ -450,6 +452,8 @@ def add_shipped_lines(batch: DecodedBatch) -> tuple[int, int]:
             count = group.data.count(b"\n") + (1 if group.data[-1:] not in (b"\n", b"") else 0)
             batch.errors.extend((index + i, reason) for i in range(count))
         else:
+            if redactor is not None and group.format in JOINED_FORMATS:
+                numbered = [(i, redactor.redact_record(record)) for i, record in numbered]
             batch.records.extend((index + i, record) for i, record in numbered)
             parse_errors += errors
         index += count
@@ -573,18 +577,20 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
     if batch.batch_id and await writer.already_stored(batch.batch_id):
         metrics.inc("logferry_ingest_duplicate_batches_total")
         return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES})
+    # Agents redact before shipping: a batch redacted with the same rules as
+    # this collector's has nothing left to find (but in the records of
+    # JOINED_FORMATS lines). Everything else is redacted here.
+    redactor: Redactor | None = app[appkeys.REDACTOR]
+    agent_redacted = None
+    if batch.redacted or (batch.redacted_with and redactor is not None
+                          and hmac.compare_digest(batch.redacted_with.encode(), redactor.fingerprint.encode())):
+        redactor, agent_redacted = None, redactor
     lines = 0
     if batch.lines:
-        lines, parse_errors = add_shipped_lines(batch)
+        lines, parse_errors = add_shipped_lines(batch, agent_redacted)
         metrics.inc("logferry_ingest_lines_total", lines)
         if parse_errors:
             metrics.inc("logferry_ingest_parse_errors_total", parse_errors)
-    # Agents redact before shipping: a batch redacted with the same rules as
-    # this collector's has nothing left to find. Everything else is redacted here.
-    redactor: Redactor | None = app[appkeys.REDACTOR]
-    if batch.redacted or (batch.redacted_with and redactor is not None
-                          and hmac.compare_digest(batch.redacted_with.encode(), redactor.fingerprint.encode())):
-        redactor = None
     rows, rejected = await build_rows_in_slices(batch, redactor, app[appkeys.RETENTION])
     try:
         stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows, checked=True)

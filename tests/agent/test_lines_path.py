@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from agent.config import RedactConfig, SourceConfig
 from agent.metrics import AgentMetrics
-from agent.parsers import parse_shipped_lines
+from agent.parsers import JOINED_FORMATS, parse_shipped_lines
 from agent.redact import Redactor
 from agent.runner import RawRun, SourcePipeline, _split_items, _wire_items
 from agent.tailer import Chunk
@@ -45,11 +45,14 @@ def chunk_of(lines: list[str], base: int = 1000) -> Chunk:
 
 def expand(items: list[Any]) -> list[Record]:
     """What the collector stores from a pipeline's items: records as they are,
-    runs parsed as it parses them."""
+    runs parsed as it parses them (and the records of JOINED_FORMATS redacted,
+    as it does with the agent's rules)."""
     records, groups = _wire_items(items)
     out = list(records)
+    redactor = Redactor(RedactConfig())
     for group in groups:
-        out.extend(r for _, r in parse_shipped_lines(group, "host-1")[0])
+        parsed = [r for _, r in parse_shipped_lines(group, "host-1")[0]]
+        out.extend(map(redactor.redact_record, parsed) if group.format in JOINED_FORMATS else parsed)
     return out
 
 
@@ -126,11 +129,11 @@ def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data
 
 
 def test_which_sources_ship_lines() -> None:
-    # JSON, logfmt and plain lines: their records hold only text of the line.
-    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain"))
-    # Not the formats whose records hold text the raw line does not (see SHIPPED_FORMATS),
-    # nor multiline entries or encodings other than UTF-8.
-    assert not any(pipeline(True, fmt).can_ship_lines for fmt in ("nginx", "apache", "syslog"))
+    # JSON, logfmt and plain lines: their records hold only text of the line;
+    # nginx/apache records join some (the collector redacts those; see SHIPPED_FORMATS).
+    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain", "nginx", "apache"))
+    # Not syslog (unescaped structured data) or regex, nor multiline entries or encodings other than UTF-8.
+    assert not pipeline(True, "syslog").can_ship_lines
     assert not pipeline(True, "regex", pattern=r"(?P<message>.*)").can_ship_lines
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
     assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
@@ -148,9 +151,17 @@ def _plain_line(i: int, noise: str, secret: str, in_context: bool) -> str:
     return f"2026-12-01 00:00:{i % 60:02d},{i % 1000:03d} {'ERROR' if in_context else 'INFO'} {noise} {secret}"
 
 
+def _nginx_line(i: int, noise: str, secret: str, in_context: bool) -> str:
+    # The request may end in digits, which the message joins to the status.
+    target = (noise + secret).replace('"', "'").replace("\\", "/") or "/"
+    protocol = "" if in_context else " HTTP/1.1"
+    return (f'10.0.0.{i % 250} - - [01/Dec/2026:00:00:{i % 60:02d} +0000] "GET {target}{protocol}" '
+            f'{100 + i % 500} {i} "-" "agent {secret}" 0.{i % 1000:03d}')
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line)]))
-def test_logfmt_and_plain_lines_path_stores_the_records_of_the_records_path(
+@given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line), ("nginx", _nginx_line)]))
+def test_logfmt_plain_and_nginx_lines_path_stores_the_records_of_the_records_path(
         texts: list[tuple[str, str, bool]], fmt: tuple[str, Any]) -> None:
     name, make = fmt
     lines = [make(i, noise, secret, flag) for i, (noise, secret, flag) in enumerate(texts)]
@@ -353,3 +364,14 @@ def test_logfmt_escapes_that_hide_a_card_from_the_raw_line_make_it_a_hit() -> No
     assert list(stored.values()) == ["paid é[REDACTED:credit_card]", "paid [REDACTED:credit_card]",
                                      "ssn [REDACTED:ssn]", "fine"]
     assert [type(i).__name__ for i in items] == ["Record", "Record", "Record", "RawRun"]
+
+
+def test_an_nginx_message_that_joins_a_card_is_redacted_by_the_collector() -> None:
+    # "GET /pay/4111-1111-1111-1" + " " + "103": a valid card only once joined;
+    # the raw line holds no match, so it ships as read and the collector redacts it.
+    line = '10.0.0.1 - - [01/Dec/2026:00:00:00 +0000] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"'
+    items, _, _ = pipeline(True, "nginx").process(None, chunk_of([line]), "/f.log", 0.0)
+    assert [type(i).__name__ for i in items] == ["RawRun"]
+    assert [r.message for r in expand(items)] == ["GET /pay/[REDACTED:credit_card]"]
+    records, _, _ = pipeline(False, "nginx").process(None, chunk_of([line]), "/f.log", 0.0)
+    assert [r.message for r in records] == ["GET /pay/[REDACTED:credit_card]"]  # type: ignore[union-attr]

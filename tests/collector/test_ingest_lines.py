@@ -18,7 +18,7 @@ from collector import appkeys
 from collector.ingest import BATCH_NAMESPACE
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
-FEATURES = ["lines", "lines:logfmt", "lines:plain"]
+FEATURES = ["lines", "lines:apache", "lines:logfmt", "lines:nginx", "lines:plain"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
@@ -197,6 +197,23 @@ async def test_logfmt_and_plain_lines_are_parsed_as_the_agent_parses_them(ingest
     died = rows["worker 3 died"]
     assert (died["source"], died["level"], died["timestamp"]) == ("app-plain", "ERROR", naive(NOW))
     assert rows["a line without a timestamp"]["timestamp"] == naive(dt.datetime.fromtimestamp(at, dt.UTC))
+
+
+async def test_nginx_lines_are_redacted_here_even_from_an_agent_with_the_same_rules(ingest: Any, storage: Any,
+                                                                                    app_client: Any) -> None:
+    # The message joins the request and the status: "GET /pay/4111-1111-1111-1" + " 103"
+    # is a card no raw line holds, so the agent's verdict on the line does not cover it.
+    fingerprint = app_client.server.app[appkeys.REDACTOR].fingerprint
+    nginx = [b'10.0.0.1 - - [01/Dec/2026:00:00:00 +0000] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"']
+    plain = [b"2026-12-01 00:00:00,000 INFO kept as sent 4111 1111 1111 1111"]  # "missed" by the sender
+    sent = batch([], [group(nginx, source="web-nginx", format="nginx"), group(plain, source="app-plain",
+                                                                               format="plain")])
+    sent.redacted_with = fingerprint
+    out = await (await ingest(body_of(sent))).json()
+    assert (out["accepted"], out["lines"]) == (2, 2)
+    rows = {row["source"]: row["message"] for row in await stored(storage)}
+    assert rows == {"web-nginx": "GET /pay/[REDACTED:credit_card]",
+                    "app-plain": "kept as sent 4111 1111 1111 1111"}
 
 
 async def test_fields_naming_one_key_for_two_record_fields_is_not_a_server_error(ingest: Any,
