@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -193,3 +194,59 @@ def test_collector_killed_while_shipping_then_restarted_stores_every_line_exactl
         assert agent.signal(signal.SIGTERM) == 0
     finally:
         collector.stop()
+
+
+def test_nginx_and_logfmt_lines_are_stored_parsed_and_redacted(collector_process, agent_process) -> None:
+    # After the first answer, lines without a redaction hit go as read and the
+    # collector parses them; an nginx message that joins a card is redacted there.
+    agent = agent_process(collector_process)
+    web, app = f"{agent.source}-web", f"{agent.source}-app"
+    section = json.loads(agent.config.read_text())
+    section["agent"]["sources"] = [
+        {"path": str(agent.logs / "access.log"), "source": web, "format": "nginx"},
+        {"path": str(agent.logs / "app.logfmt"), "source": app, "format": "logfmt"}]
+    agent.config.write_text(json.dumps(section))
+    now = dt.datetime.now(dt.UTC)
+    stamp, iso = now.strftime("%d/%b/%Y:%H:%M:%S +0000"), now.isoformat(timespec="milliseconds")
+
+    def append(name: str, lines: list[str]) -> None:
+        with (agent.logs / name).open("a") as out:
+            out.writelines(line + "\n" for line in lines)
+
+    def access(start: int, stop: int) -> list[str]:
+        return [f'10.0.0.{i % 250} - - [{stamp}] "GET /item/{i} HTTP/1.1" 200 {i} "-" "curl"'
+                for i in range(start, stop)]
+
+    def jobs(start: int, stop: int) -> list[str]:
+        return [f'ts={iso} level=warn msg="job {i}" job_id={i}' for i in range(start, stop)]
+
+    append("access.log", access(0, 100))
+    append("app.logfmt", jobs(0, 100))
+    agent.start()
+    wait_for(lambda: len(stored(collector_process, web)) == 100 and len(stored(collector_process, app)) == 100,
+             what="the first lines")
+    parsed_before = lines_parsed_by(collector_process)
+    append("access.log", [f'10.0.0.1 - - [{stamp}] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"', *access(100, 300)])
+    append("app.logfmt", [f'ts={iso} level=error msg="card 4111 1111 1111 1111" password=hunter2', *jobs(100, 300)])
+    wait_for(lambda: len(stored(collector_process, web)) == 301 and len(stored(collector_process, app)) == 301,
+             what="every line")
+    web_logs, app_logs = stored(collector_process, web), stored(collector_process, app)
+    assert sorted(log["message"] for log in web_logs) == sorted(
+        [f"GET /item/{i} HTTP/1.1 200" for i in range(300)] + ["GET /pay/[REDACTED:credit_card]"])
+    assert sorted(log["message"] for log in app_logs) == sorted([f"job {i}" for i in range(300)]
+                                                                + ["card [REDACTED:credit_card]"])
+    assert {log["level"] for log in app_logs} == {"WARN", "ERROR"}
+    assert "4111" not in json.dumps(web_logs + app_logs) and "hunter2" not in json.dumps(app_logs)
+    # The later lines went as read (all but the logfmt line with a hit): the collector counted them.
+    assert lines_parsed_by(collector_process) - parsed_before >= 400
+    assert agent.signal(signal.SIGTERM) == 0
+
+
+def lines_parsed_by(collector: Any) -> float:
+    """The collector's count of lines it parsed for agents (logferry_ingest_lines_total)."""
+    request = urllib.request.Request(f"{collector.url}/metrics",
+                                     headers={"Authorization": f"Bearer {collector.admin_token}"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        metrics = answer.read().decode()
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("logferry_ingest_lines_total"))
