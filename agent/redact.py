@@ -479,12 +479,14 @@ def _rule_set(patterns: list[str]) -> Any:
 
 def _in_uuid_token(data: bytes, start: int, run_end: int) -> bool:
     """Whether the digit run ``data[start:run_end]`` lies inside a UUID that
-    directly follows a double quote and ends its token (``"5d9dc9f8-1818-e811-892f-902bd23f0824"``).
+    directly follows a double quote or an equals sign and ends its token
+    (``"5d9dc9f8-1818-e811-892f-902bd23f0824"``, logfmt's ``id=5d9dc9f8-…``).
     The card rule's search for UUIDs (left to right, in the decoded text) then
-    finds that UUID, since no match before the quote can reach into it, so no
-    card window of the run is outside a UUID; an SSN does not fit in a UUID's
-    groups. Anywhere else (or in doubt): ``False``."""
-    quote = data.rfind(b'"', start - 36 if start > 36 else 0, start)
+    finds that UUID, since no match before the quote or "=" can reach into it,
+    so no card window of the run is outside a UUID; an SSN does not fit in a
+    UUID's groups. Anywhere else (or in doubt): ``False``."""
+    lo = start - 36 if start > 36 else 0
+    quote = max(data.rfind(b'"', lo, start), data.rfind(b"=", lo, start))
     if quote < 0:
         return False
     token = quote + 1

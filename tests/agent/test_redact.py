@@ -259,11 +259,11 @@ def test_the_fingerprint_names_what_the_rules_find_not_how_they_replace() -> Non
 
 # --- the whole-chunk prefilter: lines it lets through must need no redaction --
 
-def _parsed(lines: list[bytes]) -> list[Record]:
+def _parsed(lines: list[bytes], fmt: str = "json") -> list[Record]:
     from agent.config import SourceConfig
     from agent.parsers import LineParser
 
-    parser = LineParser(SourceConfig(path="x", source="app", format="json"), "host")
+    parser = LineParser(SourceConfig(path="x", source="app", format=fmt), "host")  # type: ignore[arg-type]
     records = parser.parse_lines(lines, list(range(len(lines))), "/f")
     assert len(records) == len(lines)
     return records
@@ -275,12 +275,12 @@ def _hit_lines(redactor: Redactor, lines: list[bytes], json: bool = True) -> set
     return {max(i for i, s in enumerate(starts) if s <= pos) for pos in redactor.hit_positions(data, json=json)}
 
 
-def _assert_misses_need_no_redaction(config: RedactConfig, lines: list[bytes]) -> set[int]:
+def _assert_misses_need_no_redaction(config: RedactConfig, lines: list[bytes], fmt: str = "json") -> set[int]:
     """The prefilter's promise: a line it does not hit comes out of
     redact_record unchanged. Returns the hit lines."""
     hits = _hit_lines(Redactor(config), lines)
     check = Redactor(config)
-    for i, record in enumerate(_parsed(lines)):
+    for i, record in enumerate(_parsed(lines, fmt)):
         if i not in hits:
             assert check.redact_record(record) == record, lines[i]
     return hits
@@ -301,7 +301,8 @@ def uuid_contexts(draw: st.DrawFn) -> str:
         index = draw(st.integers(0, 4))
         groups[index] = groups[index] + draw(st.sampled_from(["1", "a", ""]))
     uuid = "-".join(groups)
-    before = draw(st.sampled_from(["", "x", "1", "4", "id ", "\\u0034", "\\\\", "\\\"", "a-", "1-", "1 "]))
+    before = draw(st.sampled_from(["", "x", "1", "4", "id ", "\\u0034", "\\\\", "\\\"", "a-", "1-", "1 ", "id=", "a=1",
+                                   "=", "x=4"]))
     after = draw(st.sampled_from(["", "x", "1", "7", " 4111", "-1111", " 1111 1111", "\\u0031", "\\u0020",
                                   "\\u002d1111", "\\\"", "\\t", " done", "-"]))
     return before + uuid + after
@@ -313,6 +314,24 @@ def test_the_chunk_prefilter_never_lets_a_line_that_needs_redaction_through(valu
     lines = [b'{"ts":"2026-12-01T00:00:00Z","%s":"%s","user_id":"u1"}' % (key.encode(), v.encode())
              for v in values]
     _assert_misses_need_no_redaction(RedactConfig(), lines)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(uuid_contexts(), min_size=1, max_size=8), quoted=st.booleans())
+def test_the_chunk_prefilter_never_lets_a_logfmt_line_that_needs_redaction_through(values: list[str],
+                                                                                   quoted: bool) -> None:
+    # logfmt: a bare value follows "=" (the UUID check takes "=" as a token's start), a quoted one is JSON.
+    lines = [b"ts=2026-12-01T00:00:00Z msg=done request_id=" + (b'"%s"' % v.encode() if quoted else v.encode())
+             for v in values]
+    _assert_misses_need_no_redaction(RedactConfig(), lines, "logfmt")
+
+
+def test_a_uuid_after_an_equals_sign_is_no_hit() -> None:
+    lines = [b"ts=2026-12-01T00:00:00Z request_id=%s msg=done" % UUID_CARD.encode(),
+             b"ts=2026-12-01T00:00:00Z request_id=x%s msg=done" % UUID_CARD.encode(),  # the UUID starts later
+             b"ts=2026-12-01T00:00:00Z request_id=%s1 msg=done" % UUID_CARD.encode()]  # does not end its token
+    assert _hit_lines(Redactor(RedactConfig()), lines) == {1, 2}
+    assert _assert_misses_need_no_redaction(RedactConfig(), lines, "logfmt") == {1, 2}
 
 
 def test_a_quoted_uuid_whose_digits_pass_the_card_checks_is_no_hit() -> None:
