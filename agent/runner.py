@@ -236,7 +236,7 @@ class SourcePipeline:
             # Their records join text of the line (see SHIPPED_FORMATS): the
             # raw line's verdict does not cover them, each record is looked at.
             return [redactor.redact_record(r) for r in records]
-        hits = redactor.hit_positions(body, json=self.cfg.format == "json") if body else []
+        hits = redactor.hit_positions(body, json=self.quoted_json) if body else []
         if not hits:
             return records
         base = chunk.base
