@@ -815,13 +815,13 @@ _SHIPPED_PARSERS: dict[tuple[Any, ...], LineParser] = {}
 # in a line. JSON, logfmt and plain records hold only text of the line
 # (substrings, or JSON strings decoded, whose escapes the prefilter counts as
 # hits), so the prefilter's verdict on the raw line holds for the record.
-# nginx/apache records also join text: the message is the request and the
+# combined/nginx/apache records also join text: the message is the request and the
 # status ("GET /1-2-3 200"), which no raw line holds in one piece, so the
 # collector redacts the records of JOINED_FORMATS whatever rules the agent
 # applied. Not syslog (structured data is unescaped) or regex (the pattern
 # does not travel with the lines).
-SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "nginx", "apache"})
-JOINED_FORMATS = frozenset({"nginx", "apache"})
+JOINED_FORMATS = frozenset({"combined", "nginx", "apache"})  # parse_combined's names
+SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", *JOINED_FORMATS})
 
 
 def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record]], int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -131,7 +132,7 @@ def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data
 def test_which_sources_ship_lines() -> None:
     # JSON, logfmt and plain lines: their records hold only text of the line;
     # nginx/apache records join some (the collector redacts those; see SHIPPED_FORMATS).
-    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain", "nginx", "apache"))
+    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain", "combined", "nginx", "apache"))
     # Not syslog (unescaped structured data) or regex, nor multiline entries or encodings other than UTF-8.
     assert not pipeline(True, "syslog").can_ship_lines
     assert not pipeline(True, "regex", pattern=r"(?P<message>.*)").can_ship_lines
@@ -366,12 +367,14 @@ def test_logfmt_escapes_that_hide_a_card_from_the_raw_line_make_it_a_hit() -> No
     assert [type(i).__name__ for i in items] == ["Record", "Record", "Record", "RawRun"]
 
 
-def test_an_nginx_message_that_joins_a_card_is_redacted_by_the_collector() -> None:
+@pytest.mark.parametrize("fmt", sorted(JOINED_FORMATS))
+def test_a_combined_log_message_that_joins_a_card_is_redacted_on_both_paths(fmt: str) -> None:
     # "GET /pay/4111-1111-1111-1" + " " + "103": a valid card only once joined;
-    # the raw line holds no match, so it ships as read and the collector redacts it.
+    # the raw line holds no match, so it ships as read and the collector redacts
+    # it, or, parsed on the agent, the agent does.
     line = '10.0.0.1 - - [01/Dec/2026:00:00:00 +0000] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"'
-    items, _, _ = pipeline(True, "nginx").process(None, chunk_of([line]), "/f.log", 0.0)
+    items, _, _ = pipeline(True, fmt).process(None, chunk_of([line]), "/f.log", 0.0)
     assert [type(i).__name__ for i in items] == ["RawRun"]
     assert [r.message for r in expand(items)] == ["GET /pay/[REDACTED:credit_card]"]
-    records, _, _ = pipeline(False, "nginx").process(None, chunk_of([line]), "/f.log", 0.0)
+    records, _, _ = pipeline(False, fmt).process(None, chunk_of([line]), "/f.log", 0.0)
     assert [r.message for r in records] == ["GET /pay/[REDACTED:credit_card]"]  # type: ignore[union-attr]

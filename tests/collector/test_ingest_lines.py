@@ -18,7 +18,7 @@ from collector import appkeys
 from collector.ingest import BATCH_NAMESPACE
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
-FEATURES = ["lines", "lines:apache", "lines:logfmt", "lines:nginx", "lines:plain"]
+FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
