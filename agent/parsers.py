@@ -669,9 +669,10 @@ def parse_logfmt(text: str) -> dict[str, Any] | None:
     return out if pairs else None
 
 
+# Bracketed and quoted parts as unrolled loops, as _COMBINED's (the same strings).
 _SYSLOG_5424 = re.compile(
     r"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) "
-    r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: (?P<msg>.*))?$",
+    r"(?P<sd>-|(?:\[[^\]\\]*(?:\\.[^\]\\]*)*\])+)(?: (?P<msg>.*))?$",
     re.DOTALL,
 )
 _SYSLOG_3164 = re.compile(
@@ -679,8 +680,11 @@ _SYSLOG_3164 = re.compile(
     r"(?P<tag>[^\s:\[]+)(?:\[(?P<pid>[^\]]+)\])?: ?(?P<msg>.*)$",
     re.DOTALL,
 )
-_SD_ELEMENT = re.compile(r"\[(\S+?)((?: \S+?=\"(?:[^\"\\]|\\.)*\")*)\]")
-_SD_PARAM = re.compile(r" (\S+?)=\"((?:[^\"\\]|\\.)*)\"")
+_SD_ELEMENT = re.compile(r"\[(\S+?)((?: \S+?=\"[^\"\\]*(?:\\.[^\"\\]*)*\")*)\]")
+_SD_PARAM = re.compile(r" (\S+?)=\"([^\"\\]*(?:\\.[^\"\\]*)*)\"")
+_SD_ESCAPE = re.compile(r"\\(.)")
+# (level, facility and severity) of each PRI value a 3-digit PRI can hold.
+_SYSLOG_PRI: dict[str, tuple[str, int, int]] = {}
 _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
 
@@ -688,10 +692,14 @@ _MONTHS = {m: i for i, m in enumerate(
 def _syslog_severity(pri: str | None) -> tuple[str | None, dict[str, Any]]:
     if pri is None:
         return None, {}
-    value = int(pri)
-    severity = value & 7
-    level = parse_level(severity) or Level.INFO
-    return level.name, {"facility": value >> 3, "severity": severity}
+    known = _SYSLOG_PRI.get(pri)
+    if known is None:
+        value = int(pri)
+        severity = value & 7
+        known = ((parse_level(severity) or Level.INFO).name, value >> 3, severity)
+        if len(_SYSLOG_PRI) < 4096:  # "007" and "7" are both keys: at most 1,110 of them
+            _SYSLOG_PRI[pri] = known
+    return known[0], {"facility": known[1], "severity": known[2]}
 
 
 def parse_syslog(text: str, now: dt.datetime | None = None) -> dict[str, Any] | None:
@@ -701,15 +709,21 @@ def parse_syslog(text: str, now: dt.datetime | None = None) -> dict[str, Any] | 
     current year is assumed, or the previous one if that lands in the future."""
     m = _SYSLOG_5424.match(text)
     if m:
-        level, context = _syslog_severity(m.group("pri"))
-        for name in ("host", "app", "procid", "msgid"):
-            if m.group(name) != "-":
-                context[{"host": "hostname", "app": "appname"}.get(name, name)] = m.group(name)
-        sd = m.group("sd")
+        pri, host, app, procid, msgid, sd = m.group("pri", "host", "app", "procid", "msgid", "sd")
+        level, context = _syslog_severity(pri)
+        if host != "-":
+            context["hostname"] = host
+        if app != "-":
+            context["appname"] = app
+        if procid != "-":
+            context["procid"] = procid
+        if msgid != "-":
+            context["msgid"] = msgid
         if sd != "-":
             structured: dict[str, dict[str, str]] = {}
             for sd_id, params in _SD_ELEMENT.findall(sd):
-                structured[sd_id] = {k: re.sub(r"\\(.)", r"\1", v) for k, v in _SD_PARAM.findall(params)}
+                structured[sd_id] = {k: _SD_ESCAPE.sub(r"\1", v) if "\\" in v else v
+                                     for k, v in _SD_PARAM.findall(params)}
             context["structured_data"] = structured
         msg = m.group("msg") or ""
         if msg.startswith("\ufeff"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.config import MultilineConfig, SourceConfig
 from agent.multiline import MultilineJoiner
-from agent.parsers import _COMBINED, LineParser, normalise_level, parse_syslog
+from agent.parsers import _COMBINED, _SD_ELEMENT, _SYSLOG_5424, LineParser, normalise_level, parse_syslog
 
 
 def parser(fmt: str = "json", **kw: Any) -> LineParser:
@@ -183,6 +183,49 @@ def test_combined_pattern_matches_as_before(parts: list[str], tail: str) -> None
     line = f'1.2.3.4 - - [01/Dec/2026:00:00:00 +0000] "{quoted}" 200 5{tail}'
     old, new = _OLD_COMBINED.match(line), _COMBINED.match(line)
     assert (old.groupdict() if old else None) == (new.groupdict() if new else None)
+
+
+# The syslog patterns before their bracketed and quoted parts were unrolled, and the unescaping then.
+_OLD_SYSLOG_5424 = re.compile(
+    r"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) "
+    r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: (?P<msg>.*))?$",
+    re.DOTALL,
+)
+_OLD_SD_ELEMENT = re.compile(r"\[(\S+?)((?: \S+?=\"(?:[^\"\\]|\\.)*\")*)\]")
+_OLD_SD_PARAM = re.compile(r" (\S+?)=\"((?:[^\"\\]|\\.)*)\"")
+
+
+@settings(max_examples=500, deadline=None)
+@given(parts=st.lists(st.sampled_from(["[", "]", '"', "\\", '\\"', "\\]", "\\\\", "a", " ", "=", "x@1", ' k="v"',
+                                       ' n="4111\\ 1"', "-", "é", "\n"]), max_size=14),
+       msg=st.sampled_from(["", " hello", " \ufeffbom", " a\nb"]))
+def test_syslog_patterns_and_structured_data_read_as_before(parts: list[str], msg: str) -> None:
+    line = f"<165>1 2026-12-01T00:00:00Z web app 7 ID47 {''.join(parts)}{msg}"
+    old, new = _OLD_SYSLOG_5424.match(line), _SYSLOG_5424.match(line)
+    assert (old.groupdict() if old else None) == (new.groupdict() if new else None)
+    if old is None:
+        return
+    sd = old.group("sd")
+    assert _OLD_SD_ELEMENT.findall(sd) == _SD_ELEMENT.findall(sd)
+    fields = parse_syslog(line)
+    assert fields is not None
+    if sd == "-":
+        assert "structured_data" not in fields["context"]
+    else:
+        assert fields["context"]["structured_data"] == {
+            sd_id: {k: re.sub(r"\\(.)", r"\1", v) for k, v in _OLD_SD_PARAM.findall(params)}
+            for sd_id, params in _OLD_SD_ELEMENT.findall(sd)}
+
+
+def test_syslog_levels_facilities_and_severities_from_every_pri() -> None:
+    for pri in range(192):
+        for text in (str(pri), f"{pri:03d}"):
+            fields = parse_syslog(f"<{text}>1 - web app - - - hi")
+            assert fields is not None
+            assert fields["context"] == {"facility": pri >> 3, "severity": pri & 7, "hostname": "web",
+                                         "appname": "app"}
+            assert fields["level"] == ["CRITICAL", "CRITICAL", "CRITICAL", "ERROR", "WARN", "INFO", "INFO",
+                                       "DEBUG"][pri & 7]
 
 
 def test_python_traceback_becomes_one_record_with_error_stack() -> None:
