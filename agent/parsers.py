@@ -166,7 +166,7 @@ class LineParser:
             self._regex = re2.compile(cfg.pattern)
         parse_text: dict[str, Callable[[str], dict[str, Any] | None]] = {
             "logfmt": parse_logfmt,
-            "syslog": parse_syslog,
+            "syslog": self._parse_syslog,
             "combined": parse_combined,
             "nginx": parse_combined,
             "apache": parse_combined,
@@ -178,6 +178,10 @@ class LineParser:
         # When set, the time given to lines without a timestamp (lines parsed
         # by the collector get the time the agent read them).
         self.fixed_now: str | None = None
+        # When set, the local time (and its UTC offset) that RFC 3164 syslog
+        # timestamps, which have neither year nor zone, are read against: the
+        # agent's clock when it read the lines. Otherwise now, here.
+        self.fixed_local_now: dt.datetime | None = None
 
     def clock(self) -> str:
         """The timestamp of a line that has none: now, or :attr:`fixed_now`."""
@@ -198,6 +202,9 @@ class LineParser:
                 continue
             out.append(self.parse_entry(text, None, start, file))
         return out
+
+    def _parse_syslog(self, text: str) -> dict[str, Any] | None:
+        return parse_syslog(text, self.fixed_local_now)
 
     def decode(self, line: bytes) -> str:
         text = line.decode(self.encoding, "replace")
@@ -825,6 +832,7 @@ def parse_combined(text: str) -> dict[str, Any] | None:
 # --- lines shipped as read (parsed by the collector) ----------------------------------
 
 _SHIPPED_PARSERS: dict[tuple[Any, ...], LineParser] = {}
+_MAX_UTC_OFFSET = 18 * 3600  # the widest zone offsets ISO 8601 / RFC 3339 allow
 # Formats an agent ships as read when the redaction prefilter finds nothing
 # in a line. JSON, logfmt and plain records hold only text of the line
 # (substrings, or JSON strings decoded, whose escapes the prefilter counts as
@@ -832,10 +840,13 @@ _SHIPPED_PARSERS: dict[tuple[Any, ...], LineParser] = {}
 # combined/nginx/apache records also join text: the message is the request and the
 # status ("GET /1-2-3 200"), which no raw line holds in one piece, so the
 # collector redacts the records of JOINED_FORMATS whatever rules the agent
-# applied. Not syslog (structured data is unescaped) or regex (the pattern
-# does not travel with the lines).
+# applied. syslog records hold substrings too, except structured-data values,
+# which are unescaped ("4111\\ 1111\\ …" is a card): in BACKSLASH_FORMATS a line
+# with a backslash is a hit, parsed and redacted on the agent. Not regex (the
+# pattern does not travel with the lines, and a collector would run agents' patterns).
 JOINED_FORMATS = frozenset({"combined", "nginx", "apache"})  # parse_combined's names
-SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", *JOINED_FORMATS})
+BACKSLASH_FORMATS = frozenset({"syslog"})
+SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "syslog", *JOINED_FORMATS})
 
 
 def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record]], int, int]:
@@ -870,11 +881,19 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
     starts.pop()
     read_at = dt.datetime.fromtimestamp(group.read_at, dt.UTC) if 0 < group.read_at < 1e11 else None
     parser.fixed_now = read_at.isoformat(timespec="milliseconds").replace("+00:00", "Z") if read_at else None
+    if group.format == "syslog":
+        offset = group.utc_offset
+        if offset is None or not -_MAX_UTC_OFFSET <= offset <= _MAX_UTC_OFFSET:
+            raise ValueError(f"lines.utc_offset: syslog lines need the agent's UTC offset in seconds, "
+                             f"at most {_MAX_UTC_OFFSET} (18 h) either way; got {offset!r}")
+        if read_at is not None:
+            parser.fixed_local_now = read_at.astimezone(dt.timezone(dt.timedelta(seconds=offset)))
     errors_before = parser.errors
     try:
         records = parser.parse_lines(lines, starts, group.file, data)
     finally:
         parser.fixed_now = None
+        parser.fixed_local_now = None
     if len(records) == len(lines):
         numbered = list(enumerate(records))
     else:  # blank lines make no record but keep their number

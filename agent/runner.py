@@ -53,7 +53,7 @@ from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
-from agent.parsers import JOINED_FORMATS, SHIPPED_FORMATS, LineParser, parse_shipped_lines
+from agent.parsers import BACKSLASH_FORMATS, JOINED_FORMATS, SHIPPED_FORMATS, LineParser, parse_shipped_lines
 from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
@@ -107,7 +107,7 @@ Item = Record | RawRun
 
 class SourcePipeline:
     """Lines of one source to redacted records, or to runs of lines shipped as
-    read for the collector to parse (JSON, logfmt, plain and nginx/Apache sources, once it says it
+    read for the collector to parse (the sources in SHIPPED_FORMATS, once it says it
     can: lines where the redaction prefilter finds nothing need no parsing
     here, and parsing them once, there, costs the agent nothing)."""
 
@@ -122,6 +122,9 @@ class SourcePipeline:
         self.ship_lines = False
         # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
         self.quoted_json = cfg.format in ("json", "logfmt")
+        # Whether a backslash in a line makes it a hit: syslog's structured data
+        # is unescaped ('card="4111\\ 1111\\ …"' holds a card the raw line does not).
+        self.backslash_hits = cfg.format in BACKSLASH_FORMATS
         self.tags = list(cfg.tags) or None
         self.fields = dict(cfg.fields) or None
 
@@ -180,6 +183,8 @@ class SourcePipeline:
         base = chunk.base
         redactor = self.redactor
         hits = redactor.hit_positions(body, size, json=self.quoted_json) if redactor.active else []
+        if self.backslash_hits and redactor.active:
+            hits = _with_backslash_lines(body, size, hits)
         if not hits:
             count = body.count(b"\n", 0, size)
             self.metrics.lines_read += count
@@ -237,6 +242,8 @@ class SourcePipeline:
             # raw line's verdict does not cover them, each record is looked at.
             return [redactor.redact_record(r) for r in records]
         hits = redactor.hit_positions(body, json=self.quoted_json) if body else []
+        if self.backslash_hits and body:
+            hits = _with_backslash_lines(body, len(body), hits)
         if not hits:
             return records
         base = chunk.base
@@ -292,6 +299,31 @@ class PendingBatch:
         self.uncommitted = 0
 
 
+def _with_backslash_lines(data: bytes, end: int, hits: list[int]) -> list[int]:
+    """``hits`` (sorted positions in ``data[:end]``, one a line) with the first
+    backslash of each line holding one added: sorted, one position a line."""
+    find = data.find
+    extra = []
+    pos = find(b"\\", 0, end)
+    while pos >= 0:
+        extra.append(pos)
+        newline = find(b"\n", pos, end)
+        if newline < 0:
+            break
+        pos = find(b"\\", newline + 1, end)
+    if not extra:
+        return hits
+    merged: list[int] = []
+    line_end = -1  # the newline ending the line of the last position kept
+    for pos in sorted(hits + extra):
+        if pos > line_end:
+            merged.append(pos)
+            line_end = find(b"\n", pos, end)
+            if line_end < 0:
+                line_end = end
+    return merged
+
+
 class _OpenBatch:
     __slots__ = ("count", "items", "opened", "ranges", "raw_bytes")
 
@@ -339,7 +371,9 @@ def _wire_items(items: list[Item]) -> tuple[list[Record], list[Lines]]:
         p = run.pipeline
         whole = run.lo == 0 and hi == len(run.data)
         data: Any = run.data if whole else memoryview(run.data)[run.lo:hi]
-        lines.append(Lines(p.cfg.source, data, run.read_at, p.cfg.format, run.file, run.offset, p.tags, p.fields))
+        offset = time.localtime(run.read_at).tm_gmtoff if p.cfg.format == "syslog" else None
+        lines.append(Lines(p.cfg.source, data, run.read_at, p.cfg.format, run.file, run.offset, p.tags, p.fields,
+                           offset))
 
     for item in items:
         if type(item) is not RawRun:

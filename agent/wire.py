@@ -115,6 +115,9 @@ class Lines(msgspec.Struct, omit_defaults=True):
     ``read_at`` (Unix seconds) stamps lines that carry no timestamp of their
     own, as the agent would have when it read them. Their record indexes
     follow the batch's ``records``, one per line, blank lines included.
+    ``utc_offset`` (syslog only, where it is required): the agent's UTC
+    offset in seconds when it read the lines, which RFC 3164 timestamps
+    (local time without year or zone) are read in.
     """
 
     source: str
@@ -125,6 +128,7 @@ class Lines(msgspec.Struct, omit_defaults=True):
     offset: int | None = None
     tags: list[str] | None = None
     fields: dict[str, str] | None = None
+    utc_offset: int | None = None
 
 
 class Batch(msgspec.Struct, omit_defaults=True):

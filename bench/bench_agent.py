@@ -106,8 +106,9 @@ def _vm_hwm(pid: int) -> int:
 
 
 def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
-    """``lines`` log lines in ``fmt`` (json, logfmt, plain or nginx), 1% of them with
-    a card number or an SSN; the same content whatever the format."""
+    """``lines`` log lines in ``fmt`` (json, logfmt, plain, nginx or syslog: RFC 5424
+    with structured data), 1% of them with a card number or an SSN; the same
+    content whatever the format."""
     rng = random.Random(seed)
     size = 0
     start = time.time() - lines / 1000
@@ -134,6 +135,11 @@ def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
                 if fmt == "logfmt":
                     line = (f'ts={ts} level={level} msg="{message}" request_id={request_id} user_id={user_id} '
                             f"duration_ms={duration}")
+                elif fmt == "syslog":
+                    severity = {"debug": 7, "info": 6, "warn": 4, "error": 3}.get(level, 6)
+                    line = (f'<{128 + severity}>1 {ts} web-{i % 8} shop {1000 + i % 50} - '
+                            f'[req@32473 request_id="{request_id}" user_id="{user_id}" duration_ms="{duration}"] '
+                            f"{message}")
                 elif fmt == "plain":
                     line = (f"{ts[:10]} {ts[11:23]} {level.upper()} {message} request_id={request_id} "
                             f"user_id={user_id} took {duration} ms")
@@ -229,9 +235,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100k lines")
-    parser.add_argument("--format", choices=["json", "logfmt", "plain", "nginx"], default="json",
-                        help="the log's format (json: lines without a hit ship as read; the others are parsed "
-                             "on the agent, every line)")
+    parser.add_argument("--format", choices=["json", "logfmt", "plain", "nginx", "syslog"], default="json",
+                        help="the log's format (every one ships the lines without a redaction hit as read, "
+                             "to a collector that parses that format)")
     parser.add_argument("--collector", choices=["ack", "ack-count", "real"], default="ack",
                         help="ack: an ack server that parses the lines shipped as read, as the collector does; "
                              "ack-count: one that only counts them (less CPU beside the agent); real: the collector")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -100,11 +101,12 @@ class AgentProcess:
         self.config.write_text(json.dumps({"agent": section}))
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # set in the process's environment, over this one's
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([cli("logferry-agent"), "run", "-c", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
 
     def signal(self, signum: int) -> int:
         assert self.proc is not None

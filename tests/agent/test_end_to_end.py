@@ -196,18 +196,23 @@ def test_collector_killed_while_shipping_then_restarted_stores_every_line_exactl
         collector.stop()
 
 
-def test_nginx_and_logfmt_lines_are_stored_parsed_and_redacted(collector_process, agent_process) -> None:
+def test_nginx_logfmt_and_syslog_lines_are_stored_parsed_and_redacted(collector_process, agent_process) -> None:
     # After the first answer, lines without a redaction hit go as read and the
     # collector parses them; an nginx message that joins a card is redacted there.
+    # Syslog lines without year or zone are read in the agent's zone (UTC+05:30
+    # here), not the collector's, and a card hidden by escapes in structured data is redacted.
     agent = agent_process(collector_process)
-    web, app = f"{agent.source}-web", f"{agent.source}-app"
+    agent.env["TZ"] = "XST-5:30"  # POSIX: 5 h 30 min east of UTC, no tz database needed
+    web, app, sys_ = f"{agent.source}-web", f"{agent.source}-app", f"{agent.source}-sys"
     section = json.loads(agent.config.read_text())
     section["agent"]["sources"] = [
         {"path": str(agent.logs / "access.log"), "source": web, "format": "nginx"},
-        {"path": str(agent.logs / "app.logfmt"), "source": app, "format": "logfmt"}]
+        {"path": str(agent.logs / "app.logfmt"), "source": app, "format": "logfmt"},
+        {"path": str(agent.logs / "sys.log"), "source": sys_, "format": "syslog"}]
     agent.config.write_text(json.dumps(section))
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     stamp, iso = now.strftime("%d/%b/%Y:%H:%M:%S +0000"), now.isoformat(timespec="milliseconds")
+    local = (now + dt.timedelta(hours=5, minutes=30)).strftime("%b %e %H:%M:%S")
 
     def append(name: str, lines: list[str]) -> None:
         with (agent.logs / name).open("a") as out:
@@ -220,25 +225,39 @@ def test_nginx_and_logfmt_lines_are_stored_parsed_and_redacted(collector_process
     def jobs(start: int, stop: int) -> list[str]:
         return [f'ts={iso} level=warn msg="job {i}" job_id={i}' for i in range(start, stop)]
 
+    def syslog(start: int, stop: int) -> list[str]:
+        return [f"<30>{local} web cron[{i}]: run {i}" for i in range(start, stop)]
+
     append("access.log", access(0, 100))
     append("app.logfmt", jobs(0, 100))
+    append("sys.log", syslog(0, 100))
     agent.start()
-    wait_for(lambda: len(stored(collector_process, web)) == 100 and len(stored(collector_process, app)) == 100,
+    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_)] == [100, 100, 100],
              what="the first lines")
     parsed_before = lines_parsed_by(collector_process)
     append("access.log", [f'10.0.0.1 - - [{stamp}] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"', *access(100, 300)])
     append("app.logfmt", [f'ts={iso} level=error msg="card 4111 1111 1111 1111" password=hunter2', *jobs(100, 300)])
-    wait_for(lambda: len(stored(collector_process, web)) == 301 and len(stored(collector_process, app)) == 301,
+    append("sys.log", [f'<11>1 {iso} web pay 7 - [card@1 number="4111\\ 1111\\ 1111\\ 1111"] declined',
+                       *syslog(100, 300)])
+    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_)] == [301, 301, 301],
              what="every line")
     web_logs, app_logs = stored(collector_process, web), stored(collector_process, app)
+    sys_logs = stored(collector_process, sys_)
     assert sorted(log["message"] for log in web_logs) == sorted(
         [f"GET /item/{i} HTTP/1.1 200" for i in range(300)] + ["GET /pay/[REDACTED:credit_card]"])
     assert sorted(log["message"] for log in app_logs) == sorted([f"job {i}" for i in range(300)]
                                                                 + ["card [REDACTED:credit_card]"])
     assert {log["level"] for log in app_logs} == {"WARN", "ERROR"}
-    assert "4111" not in json.dumps(web_logs + app_logs) and "hunter2" not in json.dumps(app_logs)
-    # The later lines went as read (all but the logfmt line with a hit): the collector counted them.
-    assert lines_parsed_by(collector_process) - parsed_before >= 400
+    assert sorted(log["message"] for log in sys_logs) == sorted([f"run {i}" for i in range(300)] + ["declined"])
+    declined = next(log for log in sys_logs if log["message"] == "declined")
+    assert declined["context"]["structured_data"] == {"card@1": {"number": "[REDACTED:credit_card]"}}
+    # RFC 3164 stamps are the agent's local time: stored as the instant they name.
+    runs = [log for log in sys_logs if log["message"] != "declined"]
+    assert {str(log["timestamp"])[:19] for log in runs} == {now.strftime("%Y-%m-%dT%H:%M:%S")}
+    assert "4111" not in json.dumps(web_logs + app_logs + sys_logs, default=str)
+    assert "hunter2" not in json.dumps(app_logs)
+    # The later lines went as read (all but the lines with a hit): the collector counted them.
+    assert lines_parsed_by(collector_process) - parsed_before >= 600
     assert agent.signal(signal.SIGTERM) == 0
 
 

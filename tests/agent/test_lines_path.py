@@ -130,11 +130,12 @@ def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data
 
 
 def test_which_sources_ship_lines() -> None:
-    # JSON, logfmt and plain lines: their records hold only text of the line;
-    # nginx/apache records join some (the collector redacts those; see SHIPPED_FORMATS).
-    assert all(pipeline(True, fmt).can_ship_lines for fmt in ("json", "logfmt", "plain", "combined", "nginx", "apache"))
-    # Not syslog (unescaped structured data) or regex, nor multiline entries or encodings other than UTF-8.
-    assert not pipeline(True, "syslog").can_ship_lines
+    # JSON, logfmt, plain and syslog lines: their records hold only text of the
+    # line (syslog: unescaped, so a backslash makes a hit); nginx/apache records
+    # join some (the collector redacts those; see SHIPPED_FORMATS).
+    assert all(pipeline(True, fmt).can_ship_lines
+               for fmt in ("json", "logfmt", "plain", "syslog", "combined", "nginx", "apache"))
+    # Not regex, nor multiline entries or encodings other than UTF-8.
     assert not pipeline(True, "regex", pattern=r"(?P<message>.*)").can_ship_lines
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
     assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
@@ -160,9 +161,23 @@ def _nginx_line(i: int, noise: str, secret: str, in_context: bool) -> str:
             f'{100 + i % 500} {i} "-" "agent {secret}" 0.{i % 1000:03d}')
 
 
+def _sd_escape(text: str) -> str:
+    # RFC 5424 escapes '"', '\\' and ']' in parameter values; a backslash before
+    # any other character (here, a separator) is dropped when read too.
+    return "".join("\\" + c if c in '"\\] -' else c for c in text)
+
+
+def _syslog_line(i: int, noise: str, secret: str, in_context: bool) -> str:
+    if in_context:  # RFC 5424, the secret in structured data, its separators escaped
+        return (f'<165>1 2026-12-01T00:00:{i % 60:02d}.5Z web app {i} ID47 '
+                f'[ex@1 note="{_sd_escape(noise)}" v="{_sd_escape(secret)}"] {noise}')
+    return f"<34>Dec  1 00:00:{i % 60:02d} web su[{i}]: {noise} {secret}"  # RFC 3164
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line), ("nginx", _nginx_line)]))
-def test_logfmt_plain_and_nginx_lines_path_stores_the_records_of_the_records_path(
+@given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line), ("nginx", _nginx_line),
+                                    ("syslog", _syslog_line)]))
+def test_logfmt_plain_nginx_and_syslog_lines_path_stores_the_records_of_the_records_path(
         texts: list[tuple[str, str, bool]], fmt: tuple[str, Any]) -> None:
     name, make = fmt
     lines = [make(i, noise, secret, flag) for i, (noise, secret, flag) in enumerate(texts)]
@@ -173,8 +188,11 @@ def test_logfmt_plain_and_nginx_lines_path_stores_the_records_of_the_records_pat
     items, count, end = lines_path.process(None, chunk, "/f.log", 0.0)
     assert (count, end) == (plain_count, plain_end) == (len(lines), chunk.end)
     stored = expand(items)
+    # Read times (UTC, "Z") stand in for timestamps that do not parse; RFC 3164
+    # stamps (local, with an offset) are this year's on both paths.
     fixed = [msgspec.structs.replace(r, timestamp="2026-12-01T00:00:00.000Z") if r.timestamp.startswith("20")
-             and not r.timestamp.startswith("2026-12-01T00:00:") else r for r in stored]
+             and r.timestamp.endswith("Z") and not r.timestamp.startswith("2026-12-01T00:00:") else r
+             for r in stored]
     assert {r.offset: r for r in fixed} == {r.offset: r for r in plain_items}  # type: ignore[union-attr]
     text = json.dumps([msg for r in fixed for msg in (r.message, r.context)])
     assert CARD not in text and "123-45-6789" not in text and "hunter2" not in text
@@ -378,3 +396,22 @@ def test_a_combined_log_message_that_joins_a_card_is_redacted_on_both_paths(fmt:
     assert [r.message for r in expand(items)] == ["GET /pay/[REDACTED:credit_card]"]
     records, _, _ = pipeline(False, fmt).process(None, chunk_of([line]), "/f.log", 0.0)
     assert [r.message for r in records] == ["GET /pay/[REDACTED:credit_card]"]  # type: ignore[union-attr]
+
+
+def test_a_syslog_line_with_a_backslash_is_a_hit_on_both_paths() -> None:
+    # Structured-data values are unescaped: '4111\\ 1111\\ …' is read as a card
+    # that no raw line holds. Such lines are parsed and redacted on the agent,
+    # whether the source ships lines as read or not (the collector does not
+    # redact again what an agent with its rules sent).
+    lines = ['<134>1 2026-12-01T00:00:00Z web pay 1 - [card@1 number="4111\\ 1111\\ 1111\\ 1111"] declined',
+             '<134>1 2026-12-01T00:00:01Z web pay 1 - [card@1 number="4111\\-1111-1111-1111"] declined',
+             "<34>Dec  1 00:00:02 web su[1]: fine",
+             "<34>Dec  1 00:00:03 web su[1]: a path C:\\temp, no secret"]
+    for ship_lines in (False, True):
+        items, count, _ = pipeline(ship_lines, "syslog").process(None, chunk_of(lines), "/f.log", 0.0)
+        assert count == 4
+        stored = sorted(expand(items) if ship_lines else items, key=lambda r: r.offset)  # type: ignore[union-attr]
+        assert [r.context["structured_data"]["card@1"]["number"] for r in stored[:2]] == (  # type: ignore[index]
+            ["[REDACTED:credit_card]"] * 2)
+        assert [r.message for r in stored] == ["declined", "declined", "fine", "a path C:\\temp, no secret"]
+    assert [type(i).__name__ for i in items] == ["Record", "Record", "RawRun", "Record"]

@@ -4,6 +4,7 @@ line, with the agent's read time for lines that carry no timestamp."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -423,3 +424,55 @@ def test_property_shipped_lines_equal_the_agent_records(lines: list[bytes], sett
     fields, tags = setting
     assert_same_records(lines, offset=offset, fields=fields, tags=tags, source="property")
 
+
+
+# --- syslog ---------------------------------------------------------------------
+
+# 2027-01-01T00:30:00Z: in UTC+05:30 (the agent's zone below) it is 06:00 on New Year's Day.
+NEW_YEAR = 1_798_763_400.0
+IST = 5 * 3600 + 1800
+
+
+def syslog_group(lines: Sequence[bytes], utc_offset: int | None, read_at: float = NEW_YEAR) -> Lines:
+    return Lines(source="sys", data=body_of(lines), read_at=read_at, format="syslog", file=FILE, offset=0,
+                 utc_offset=utc_offset)
+
+
+def test_syslog_lines_are_read_in_the_agents_zone_and_year() -> None:
+    # RFC 3164 stamps have neither year nor zone: the agent that read them
+    # would have taken its own zone and the year that does not put them in
+    # the future; the collector, in another zone, must do the same.
+    lines = [b"<34>Dec 31 23:59:00 web su[12]: last of the year",
+             b"<34>Jan  1 05:59:59 web su[12]: first of the year",
+             b"<165>1 2026-12-31T10:00:00.5+01:00 web app 7 ID47 [ex@1 k=\"v\"] five four two four",
+             b"not syslog at all"]
+    numbered, count, errors = parse_shipped_lines(syslog_group(lines, IST), HOST)
+    assert (count, errors) == (4, 1)
+    records = [r for _, r in numbered]
+    assert [r.timestamp for r in records[:3]] == [
+        "2026-12-31T23:59:00+05:30", "2027-01-01T05:59:59+05:30", "2026-12-31T10:00:00.5+01:00"]
+    assert records[3].tags == ["parse_error"] and records[3].timestamp == "2027-01-01T00:30:00.000Z"
+    # The same as the agent's parser at that moment, in that zone.
+    cfg = SourceConfig(path="x", source="sys", format="syslog")
+    direct_parser = LineParser(cfg, HOST)
+    direct_parser.fixed_local_now = dt.datetime.fromtimestamp(NEW_YEAR, dt.timezone(dt.timedelta(seconds=IST)))
+    direct_parser.fixed_now = "2027-01-01T00:30:00.000Z"
+    assert direct_parser.parse_lines(lines, starts_of(lines, 0), FILE) == records
+    # In UTC the first line would be read as this year's, hours ahead of its real time.
+    in_utc = [r for _, r in parse_shipped_lines(syslog_group(lines[:1], 0), HOST)[0]]
+    assert in_utc[0].timestamp == "2026-12-31T23:59:00+00:00"
+
+
+@pytest.mark.parametrize("offset", [None, 18 * 3600 + 1, -(18 * 3600 + 1)])
+def test_syslog_lines_without_a_sane_utc_offset_are_refused_by_name(offset: int | None) -> None:
+    with pytest.raises(ValueError, match=r"^lines\.utc_offset: .* at most 64800 \(18 h\) either way; got"):
+        parse_shipped_lines(syslog_group([b"<34>Dec 31 23:59:00 web su: x"], offset), HOST)
+
+
+def test_the_local_time_of_one_syslog_group_does_not_leak_into_the_next() -> None:
+    line = [b"<34>Jun  1 12:00:00 web su: x"]
+    parse_shipped_lines(syslog_group(line, IST), HOST)
+    [parser] = [p for key, p in parsers._SHIPPED_PARSERS.items() if key[0] == "sys"]
+    assert parser.fixed_local_now is None and parser.fixed_now is None
+    later = [r for _, r in parse_shipped_lines(syslog_group(line, -5 * 3600), HOST)[0]]
+    assert later[0].timestamp == "2026-06-01T12:00:00-05:00"

@@ -18,7 +18,8 @@ from collector import appkeys
 from collector.ingest import BATCH_NAMESPACE
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
-FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain"]
+FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain",
+            "lines:syslog"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
@@ -197,6 +198,26 @@ async def test_logfmt_and_plain_lines_are_parsed_as_the_agent_parses_them(ingest
     died = rows["worker 3 died"]
     assert (died["source"], died["level"], died["timestamp"]) == ("app-plain", "ERROR", naive(NOW))
     assert rows["a line without a timestamp"]["timestamp"] == naive(dt.datetime.fromtimestamp(at, dt.UTC))
+
+
+async def test_syslog_lines_are_read_in_the_zone_of_the_agent_that_sent_them(ingest: Any, storage: Any) -> None:
+    # An agent 5 h 30 min east of UTC read an RFC 3164 line (local time, no
+    # zone): stored as the instant it names, not as if written in UTC here.
+    ist = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    local = NOW.astimezone(ist).strftime("%b %e %H:%M:%S").encode()
+    good = group([b"<30>" + local + b" web cron[7]: backup done"], source="sys", format="syslog",
+                 utc_offset=5 * 3600 + 1800)
+    zoneless = group([b"<30>" + local + b" web cron[7]: from an agent that sent no offset"], source="sys",
+                     format="syslog")
+    out = await (await ingest(body_of(batch([], [good, zoneless])))).json()
+    assert (out["accepted"], out["lines"]) == (1, 2)
+    assert [r["index"] for r in out["rejected"]] == [1]
+    assert out["rejected"][0]["error"].startswith("lines.utc_offset: ")
+    [row] = await stored(storage)
+    assert (row["message"], row["level"]) == ("backup done", "INFO")
+    assert row["timestamp"] == naive(NOW.replace(microsecond=0))
+    assert json.loads(row["context"]) == {"facility": 3, "severity": 6, "hostname": "web", "appname": "cron",
+                                          "procid": "7"}
 
 
 async def test_nginx_lines_are_redacted_here_even_from_an_agent_with_the_same_rules(ingest: Any, storage: Any,
