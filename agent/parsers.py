@@ -82,8 +82,9 @@ def _timestamp_ok(value: Any) -> bool:
     return parse_timestamp(value) is not None
 
 
-# Digits (and the spaces and dashes between digit groups) at the end of a cut text.
-_TRAILING_DIGITS = re.compile(rb"\d(?:[ -]?\d)*[ -]?\Z")
+# Digits (and the spaces, dashes and pluses between digit groups: a card's
+# separators, see agent.redact) at the end of a cut text.
+_TRAILING_DIGITS = re.compile(rb"\d(?:[ +-]?\d)*[ +-]?\Z")
 
 
 def _head(raw: bytes, size: int) -> bytes:
@@ -92,7 +93,7 @@ def _head(raw: bytes, size: int) -> bytes:
     stored as it is."""
     head = raw[:size]
     after = raw[size:size + 2]
-    if after[:1].isdigit() or (after[:1] in (b" ", b"-") and after[1:].isdigit()):
+    if after[:1].isdigit() or (after[:1] in (b" ", b"-", b"+") and after[1:].isdigit()):
         run = _TRAILING_DIGITS.search(head)
         if run is not None:
             head = head[:run.start()]

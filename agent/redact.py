@@ -178,13 +178,13 @@ _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}
 
 
 def card_windows(run: str) -> list[tuple[int, int]]:
-    """Spans of valid card numbers in a run of digits with single space/dash
-    separators: the run is split at its separators and, left to right, the
+    """Spans of valid card numbers in a run of digits with single space, dash
+    or plus (a space in a URL's query) separators: the run is split at its separators and, left to right, the
     longest sequence of whole groups that is a valid card number is taken.
     Contiguous digits are never split: 20 glued digits are an id, not a card."""
     # The whole run first (what the search below tries first), its digits
     # without splitting it into groups.
-    digits = run.replace(" ", "").replace("-", "")
+    digits = run.replace(" ", "").replace("-", "").replace("+", "")
     if is_card_number(digits):
         return [(0, len(run))]
     if len(digits) <= 13 or len(digits) == len(run):  # no window but the whole run: too short, or no separators
@@ -226,7 +226,7 @@ class _CardRule(_Rule):
     # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
     # keep their other numbers.
     def __init__(self) -> None:
-        super().__init__("credit_card", r"\d(?:[ -]?\d){12,}", r"\d(?:[ -]?\d){12}", engine="re")
+        super().__init__("credit_card", r"\d(?:[ +-]?\d){12,}", r"\d(?:[ +-]?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
@@ -289,14 +289,14 @@ def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
     stretch = search(text)
     while stretch is not None:  # see _CARD_STRETCH
         lo, hi = stretch.span()
-        run = stretch.group().rstrip(" -")
-        if "  " in run or "--" in run or " -" in run or "- " in run:
+        run = stretch.group().rstrip(" +-")
+        if _DOUBLE_SEPARATOR.search(run):
             # Separators that end a run: the pattern tells the runs.
             m = regex.search(text, lo, hi)
             while m is not None:
                 runs.append((m.start(), m.group()))
                 m = regex.search(text, m.end(), hi)
-        elif len(run) - run.count(" ") - run.count("-") >= 13:
+        elif len(run) - run.count(" ") - run.count("-") - run.count("+") >= 13:
             runs.append((lo, run))  # single separators between digits throughout: one run, if 13 digits
         stretch = search(text, hi)
     return runs
@@ -346,7 +346,8 @@ class _SsnRule(_Rule):
 # groups and repeats at every digit of the text (most of a rule's cost on a
 # short text), everywhere but in the stretches. The ASCII forms are for ASCII
 # text, where they mean the same and search faster.
-_CARD_STRETCH = (re.compile(r"[0-9][0-9 -]{12,}"), re.compile(r"\d[\d -]{12,}"))
+_CARD_STRETCH = (re.compile(r"[0-9][0-9 +-]{12,}"), re.compile(r"\d[\d +-]{12,}"))
+_DOUBLE_SEPARATOR = re.compile(r"[ +-]{2}")  # ends a card's run of digits
 _SSN_STRETCH = (re.compile(r"[0-9][0-9 -]{10,}"), re.compile(r"\d[\d -]{10,}"))
 
 
@@ -449,7 +450,7 @@ def _builtin_rules() -> dict[str, _Rule]:
 
 
 _json_encode = msgspec.json.Encoder().encode
-_DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d)*")
+_DIGIT_RUN = re.compile(rb"\d(?:[ +-]?\d)*")
 _SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
 # Rules none of whose matches can start inside a run of digits (past its first
@@ -531,12 +532,12 @@ class Redactor:
         # Key names make a line worth a look too (context keys), and JSON's
         # escapes could hide what the rules find in the decoded text: digits
         # and letters (\u0034, \u0061), separators of cards and SSNs (\u0020,
-        # \u002d), dots and slashes (\u002e, \u002f), and an escape ending in
+        # \u002d, \u002b), dots and slashes (\u002e, \u002f), and an escape ending in
         # a digit glued to a number ("\u00e94111…" is "é4111…", not "94111…").
         key_words = sorted({k for k in self._keys} | {k.replace("_", "-") for k in self._keys})
         if key_words:
             parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
-        parts.append(r"\\u(?:00(?:[3-9]|2[0dDeEfF])|[0-9A-Fa-f]{3}\d\d)")
+        parts.append(r"\\u(?:00(?:[3-9]|2[0bBdDeEfF])|[0-9A-Fa-f]{3}\d\d)")
         self.active = self.enabled and bool(self._rules or self._keys)
         self._fingerprint = self._make_fingerprint(cfg)
         combined = "|".join(parts) if parts else "$^"

@@ -41,10 +41,10 @@ def card_numbers(draw: st.DrawFn) -> str:
     prefix, length = draw(st.sampled_from(ISSUERS))
     body = draw(st.text("0123456789", min_size=length - len(prefix) - 1, max_size=length - len(prefix) - 1))
     number = luhn_complete(prefix + body)
-    style = draw(st.sampled_from(["plain", "spaces", "dashes"]))
+    style = draw(st.sampled_from(["plain", "spaces", "dashes", "plus"]))
     if style == "plain":
         return number
-    sep = " " if style == "spaces" else "-"
+    sep = {"spaces": " ", "dashes": "-", "plus": "+"}[style]  # plus: a space in a URL's query
     return sep.join(number[i:i + 4] for i in range(0, len(number), 4))
 
 
@@ -71,8 +71,8 @@ def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, car
     assert card not in out
     # A card right after "Bearer" (or "token=", …) goes as that secret: secrets come first.
     assert "[REDACTED:credit_card]" in out or "[REDACTED:secrets]" in out
-    digits = card.replace(" ", "").replace("-", "")
-    assert digits[-8:] not in out.replace(" ", "").replace("-", "")
+    digits = card.replace(" ", "").replace("-", "").replace("+", "")
+    assert digits[-8:] not in out.replace(" ", "").replace("-", "").replace("+", "")
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -382,6 +382,24 @@ def test_the_rule_set_finds_the_rules_whose_prefilters_match(text: str) -> None:
     assert sorted(redactor._rule_set.Match(data)) == expected
 
 
+def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redactor) -> None:
+    # Forms sent by GET encode spaces as "+": access logs hold such queries.
+    out = redactor.redact_text("GET /pay?card=4111+1111+1111+1111&exp=12%2F29 HTTP/1.1")
+    assert out == "GET /pay?card=[REDACTED:credit_card]&exp=12%2F29 HTTP/1.1"
+    assert redactor.redact_text("q=5500+0000+0000+0004+and+more") == "q=[REDACTED:credit_card]+and+more"
+    # Pluses elsewhere stay: zone offsets, sums, phone numbers, a "+" run that holds no card.
+    for kept in ("2026-12-01T10:00:00.123+05:30", "1764583200+0530", "sum 10+20+30+40=100",
+                 "call +1 415 555 0100", "4111++1111+1111+1111", "order 1234+5678+9012+3456"):
+        assert redactor.redact_text(kept) == kept
+
+
+def test_a_json_escaped_plus_between_card_digits_makes_the_line_a_hit(redactor: Redactor) -> None:
+    # "\u002b" decodes to "+": the raw line holds no card, the record does.
+    line = b'{"msg": "paid 4111\\u002b1111\\u002b1111\\u002b1111"}\n{"msg": "fine"}\n'
+    [hit] = redactor.hit_positions(line, json=True)
+    assert line.index(b"4111") <= hit < line.index(b"\n")
+
+
 def test_digits_of_other_scripts_next_to_a_card_never_crash_the_redactor(redactor: Redactor) -> None:
     # Python's \d matches Arabic-Indic digits; the Luhn table was ASCII-only (KeyError in the read loop).
     assert luhn_valid("4111111111111١١١")
@@ -422,7 +440,7 @@ def _reference_card_windows(run: str) -> list[tuple[int, int]]:
 
 _digit = st.sampled_from("0123456789" * 6 + "٠١٢٣٤٥٦٧٨٩")
 _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_size=6).flatmap(
-    lambda groups: st.lists(st.sampled_from(" -"), min_size=len(groups) - 1, max_size=len(groups) - 1).map(
+    lambda groups: st.lists(st.sampled_from(" -+"), min_size=len(groups) - 1, max_size=len(groups) - 1).map(
         lambda seps: groups[0] + "".join(s + g for s, g in zip(seps, groups[1:], strict=True))))
 
 
@@ -430,14 +448,15 @@ _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_
 @given(run=st.one_of(_digit_runs, card_numbers(), st.builds(lambda a, b: f"{a} {b}", card_numbers(), _digit_runs)))
 def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) -> None:
     assert card_windows(run) == _reference_card_windows(run)
-    digits = run.replace(" ", "").replace("-", "")
+    digits = run.replace(" ", "").replace("-", "").replace("+", "")
     assert luhn_valid(digits) == _reference_luhn(digits)
     assert is_card_number(digits) == (13 <= len(digits) <= 19 and card_issuer(digits) is not None
                                       and _reference_luhn(digits))
 
 
 _rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids().map(str),
-                                 st.sampled_from([" ", "-", "  ", "--", " -", "x", "é", "1", "\n", UUID_CARD,
+                                 st.sampled_from([" ", "-", "+", "  ", "--", " -", "+-", " +", "++", "x", "é", "1",
+                                                  "\n", UUID_CARD,
                                                   "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١"])),
                        max_size=8).map("".join)
 
@@ -481,7 +500,7 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
 
     uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
     if rule_name == "credit_card":
-        return re.sub(r"\d(?:[ -]?\d){12,}", card, text), count
+        return re.sub(r"\d(?:[ +-]?\d){12,}", card, text), count
     return re.sub(r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
 
 
