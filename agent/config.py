@@ -77,6 +77,50 @@ def _anchor(pattern: str) -> str | None:
     return None
 
 
+def without_boundaries(pattern: str) -> str:
+    """``pattern`` with its word-boundary assertions (``\\b``, ``\\B``, outside
+    character classes and ``\\Q…\\E``) replaced by empty groups: it matches
+    every text ``pattern`` matches, and more. A prefilter must: a field's text
+    can have a boundary its line lacks (``x\\nacct1`` in a JSON line is
+    ``x``, a newline and ``acct1`` once decoded; a regex group can start mid-word)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            pair = pattern[i:i + 2]
+            if not in_class and pair == "\\Q":
+                end = pattern.find("\\E", i + 2)
+                end = n if end < 0 else end + 2
+                out.append(pattern[i:end])
+                i = end
+                continue
+            out.append("(?:)" if not in_class and pair in ("\\b", "\\B") else pair)
+            i += 2
+            continue
+        out.append(c)
+        if in_class:
+            if c == "[" and pattern[i + 1:i + 2] == ":":  # [:alpha:]
+                end = pattern.find(":]", i + 2)
+                if end >= 0:
+                    out.append(pattern[i + 1:end + 2])
+                    i = end + 2
+                    continue
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            i += 1
+            for member in ("^", "]"):  # a leading "^" negates; a "]" after it is a member
+                if pattern[i:i + 1] == member:
+                    out.append(member)
+                    i += 1
+            continue
+        i += 1
+    return "".join(out)
+
+
 class CustomRedactRule(msgspec.Struct, forbid_unknown_fields=True):
     """A user's own pattern; every match is replaced (``[REDACTED:<name>]`` by default).
 

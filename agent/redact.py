@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import re2
 
-from agent.config import RedactConfig
+from agent.config import RedactConfig, without_boundaries
 from agent.wire import Record
 
 _OPTIONS = re2.Options()
@@ -514,7 +514,9 @@ class Redactor:
             self._rules.append(builtins[rule_name])
         self._rules.sort(key=lambda r: r.name != "secrets")
         for custom in cfg.custom:
-            self._rules.append(_Rule(custom.name, custom.pattern, custom.pattern))
+            # Its prefilter without \b and \B: a field's text can have a word
+            # boundary that the line it came from lacks (see without_boundaries).
+            self._rules.append(_Rule(custom.name, custom.pattern, without_boundaries(custom.pattern)))
         self._modes: dict[str, str] = {r.name: cfg.mode for r in self._rules}
         self._modes["key"] = cfg.mode
         for custom in cfg.custom:
@@ -699,6 +701,10 @@ class Redactor:
                 data = text.encode()
                 matched = None
         return text
+
+    def is_sensitive_key(self, key: str) -> bool:
+        """Whether a context value under ``key`` is redacted whole (key-based redaction)."""
+        return self.active and bool(self._keys) and self._is_sensitive_key(key)
 
     def _is_sensitive_key(self, key: str) -> bool:
         k = _normalise_key(key)

@@ -9,10 +9,11 @@ import sys
 import time
 
 import pytest
+import re2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import CustomRedactRule, RedactConfig
+from agent.config import CustomRedactRule, RedactConfig, without_boundaries
 from agent.configfile import ConfigInvalid, convert
 from agent.redact import Redactor, card_issuer, card_windows, is_card_number, is_ssn, luhn_valid
 from agent.wire import Record
@@ -553,6 +554,28 @@ def test_anchored_custom_patterns_are_a_config_error(pattern: str) -> None:
 def test_carets_and_dollars_that_are_not_anchors_are_accepted(pattern: str) -> None:
     rule = convert({"name": "r", "pattern": pattern}, CustomRedactRule, base_path="agent.redact.custom[0]")
     assert rule.pattern == pattern
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    (r"\bacct\d+\b", r"(?:)acct\d+(?:)"), (r"x\By", r"x(?:)y"), (r"\\b", r"\\b"), (r"\Q\b\E\b", r"\Q\b\E(?:)"),
+    (r"[]b]\b", r"[]b](?:)"), (r"[^]b]\B", r"[^]b](?:)"), (r"[\]\\]\b", r"[\]\\](?:)"),
+    (r"[[:alpha:]]\b*", r"[[:alpha:]](?:)*"), (r"\d{3}\b", r"\d{3}(?:)")])
+def test_a_prefilter_drops_word_boundaries_outside_classes_and_quotes(pattern: str, expected: str) -> None:
+    assert without_boundaries(pattern) == expected
+    re2.compile(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.lists(st.sampled_from([r"\b", r"\B", "a", "1", r"\d", r"\w+", " ", "-", "(?:", ")", "|", "[ab]",
+                                         "[]b]", "?", r"\Qa\bb\E"]), max_size=8).map("".join),
+       text=st.text(alphabet="ab1 -\bxé\n", max_size=20))
+def test_a_pattern_without_word_boundaries_matches_wherever_the_pattern_does(pattern: str, text: str) -> None:
+    try:
+        original = re2.compile(pattern)
+    except re2.error:
+        return
+    if original.search(text) is not None:
+        assert re2.compile(without_boundaries(pattern)).search(text) is not None
 
 
 def test_a_long_run_of_short_digit_groups_is_redacted_in_linear_time(redactor: Redactor) -> None:
