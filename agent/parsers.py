@@ -37,6 +37,9 @@ from agent.config import SourceConfig
 from agent.wire import Level, Lines, parse_level, parse_timestamp
 from agent.wire import Record as Record
 
+_UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
+                           "UNANCHORED", None)
+
 # The collector refuses longer messages and contexts (data-model: message max
 # 10KB, context max 50KB); cutting here keeps the rest of the record.
 MAX_MESSAGE_BYTES = 10_000
@@ -162,9 +165,17 @@ class LineParser:
         self._typed_wait = 0
         fmt = cfg.format
         self._regex: Any = None
+        self._regex_match: Any = None
+        self._regex_groups: list[tuple[str, int]] = []
         if fmt == "regex":
             assert cfg.pattern is not None
             self._regex = re2.compile(cfg.pattern)
+            # The compiled RE2 object's Match, on UTF-8 bytes: the binding's
+            # search wraps each call in a generator, a Match object and offset
+            # conversions, ~20 µs a line for six groups (see _Scanner in agent.redact).
+            if _UNANCHORED is not None:
+                self._regex_match = getattr(getattr(self._regex, "_regexp", None), "Match", None)
+            self._regex_groups = list(self._regex.groupindex.items())  # groupdict's order
         parse_text: dict[str, Callable[[str], dict[str, Any] | None]] = {
             "logfmt": parse_logfmt,
             "syslog": self._parse_syslog,
@@ -395,11 +406,31 @@ class LineParser:
 
     # --- regex ---------------------------------------------------------------
 
+    def regex_groups(self) -> list[str]:
+        """The names of a regex source's groups (none for other formats)."""
+        return [name for name, _ in self._regex_groups]
+
+    def is_record_field(self, key: str) -> bool:
+        """Whether a parsed value under ``key`` goes to a record field (not to ``context``)."""
+        return key in self._alias_set
+
     def _parse_regex(self, text: str) -> dict[str, Any] | None:
-        m = self._regex.search(text)
-        if m is None:
+        match = self._regex_match
+        if match is None:
+            m = self._regex.search(text)
+            if m is None:
+                return None
+            return {k: v for k, v in m.groupdict().items() if v is not None}
+        data = text.encode()
+        spans = match(_UNANCHORED, data, 0, len(data))
+        if spans[0][0] < 0:
             return None
-        return {k: v for k, v in m.groupdict().items() if v is not None}
+        out = {}
+        for name, index in self._regex_groups:
+            start, end = spans[index]
+            if start >= 0:  # a group that took part (RE2 matches whole UTF-8 characters)
+                out[name] = data[start:end].decode()
+        return out
 
     # --- building records ---------------------------------------------------------
 
@@ -843,11 +874,15 @@ _MAX_UTC_OFFSET = 18 * 3600  # the widest zone offsets ISO 8601 / RFC 3339 allow
 # collector redacts the records of JOINED_FORMATS whatever rules the agent
 # applied. syslog records hold substrings too, except structured-data values,
 # which are unescaped ("4111\\ 1111\\ …" is a card): in BACKSLASH_FORMATS a line
-# with a backslash is a hit, parsed and redacted on the agent. Not regex (the
-# pattern does not travel with the lines, and a collector would run agents' patterns).
+# with a backslash is a hit, parsed and redacted on the agent. regex records
+# are the pattern's groups, substrings too; the pattern travels with the lines
+# (RE2: linear time whatever an agent sends), and a source whose group names are
+# sensitive keys (a group "password" is redacted whole) is parsed on the agent.
 JOINED_FORMATS = frozenset({"combined", "nginx", "apache"})  # parse_combined's names
 BACKSLASH_FORMATS = frozenset({"syslog"})
-SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "syslog", *JOINED_FORMATS})
+SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "syslog", "regex", *JOINED_FORMATS})
+MAX_SHIPPED_PATTERN = 4096  # characters of a regex source's pattern in Lines
+_MAX_REGEX_PARSERS = 32  # cached parsers of shipped regex lines (each an RE2 program and its DFA memory)
 
 
 def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record]], int, int]:
@@ -866,14 +901,27 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
         return [], 0, 0
     if data[-1:] != b"\n":
         data += b"\n"
+    pattern = group.pattern
+    if group.format == "regex":
+        if not pattern or len(pattern) > MAX_SHIPPED_PATTERN:
+            raise ValueError(f"lines.pattern: regex lines need their source's pattern, 1 to "
+                             f"{MAX_SHIPPED_PATTERN} characters")
+    elif pattern is not None:
+        raise ValueError("lines.pattern: only regex lines carry a pattern")
     key = (group.source, group.format, tuple(sorted((group.fields or {}).items())), tuple(group.tags or ()),
-           host)
+           host, pattern)
     parser = _SHIPPED_PARSERS.get(key)
     if parser is None:
-        cfg = SourceConfig(path="-", source=group.source, format=group.format,  # type: ignore[arg-type]
-                           tags=list(group.tags or ()), fields=dict(group.fields or {}))
+        try:
+            cfg = SourceConfig(path="-", source=group.source, format=group.format,  # type: ignore[arg-type]
+                               tags=list(group.tags or ()), fields=dict(group.fields or {}), pattern=pattern)
+        except ValueError as exc:
+            if pattern is not None and str(exc).startswith("pattern "):
+                raise ValueError(f"lines.{exc}") from None
+            raise
         parser = LineParser(cfg, host)
-        if len(_SHIPPED_PARSERS) >= 256:
+        if len(_SHIPPED_PARSERS) >= 256 or (pattern is not None and sum(
+                1 for k in _SHIPPED_PARSERS if k[-1] is not None) >= _MAX_REGEX_PARSERS):
             _SHIPPED_PARSERS.clear()
         _SHIPPED_PARSERS[key] = parser
     lines = data[:-1].split(b"\n")

@@ -118,7 +118,8 @@ class SourcePipeline:
         self.metrics = metrics
         # Whether this source's lines can go as read: JSON in UTF-8, one line a record.
         self.can_ship_lines = (cfg.format in SHIPPED_FORMATS and cfg.multiline is None
-                               and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8"))
+                               and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
+                               and not self._sensitive_groups())
         self.ship_lines = False
         # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
         self.quoted_json = cfg.format in ("json", "logfmt")
@@ -127,6 +128,13 @@ class SourcePipeline:
         self.backslash_hits = cfg.format in BACKSLASH_FORMATS
         self.tags = list(cfg.tags) or None
         self.fields = dict(cfg.fields) or None
+
+    def _sensitive_groups(self) -> list[str]:
+        """A regex source's groups whose values key-based redaction replaces
+        whole: the line does not hold their names, so its prefilter cannot
+        tell (fields renamed to record fields are not context keys)."""
+        return [name for name in self.parser.regex_groups()
+                if not self.parser.is_record_field(name) and self.redactor.is_sensitive_key(name)]
 
     def joiner_for(self, tracked: Any) -> MultilineJoiner | None:
         if self.cfg.multiline is None:
@@ -373,7 +381,7 @@ def _wire_items(items: list[Item]) -> tuple[list[Record], list[Lines]]:
         data: Any = run.data if whole else memoryview(run.data)[run.lo:hi]
         offset = time.localtime(run.read_at).tm_gmtoff if p.cfg.format == "syslog" else None
         lines.append(Lines(p.cfg.source, data, run.read_at, p.cfg.format, run.file, run.offset, p.tags, p.fields,
-                           offset))
+                           offset, p.cfg.pattern))
 
     for item in items:
         if type(item) is not RawRun:

@@ -117,7 +117,8 @@ class Lines(msgspec.Struct, omit_defaults=True):
     follow the batch's ``records``, one per line, blank lines included.
     ``utc_offset`` (syslog only, where it is required): the agent's UTC
     offset in seconds when it read the lines, which RFC 3164 timestamps
-    (local time without year or zone) are read in.
+    (local time without year or zone) are read in. ``pattern`` (regex only,
+    where it is required): the source's pattern, named groups and all.
     """
 
     source: str
@@ -129,6 +130,7 @@ class Lines(msgspec.Struct, omit_defaults=True):
     tags: list[str] | None = None
     fields: dict[str, str] | None = None
     utc_offset: int | None = None
+    pattern: str | None = None
 
 
 class Batch(msgspec.Struct, omit_defaults=True):

@@ -130,13 +130,19 @@ def test_a_run_splits_after_exactly_the_lines_asked_for(lengths: list[int], data
 
 
 def test_which_sources_ship_lines() -> None:
-    # JSON, logfmt, plain and syslog lines: their records hold only text of the
-    # line (syslog: unescaped, so a backslash makes a hit); nginx/apache records
-    # join some (the collector redacts those; see SHIPPED_FORMATS).
+    # JSON, logfmt, plain, syslog and regex lines: their records hold only text
+    # of the line (syslog: unescaped, so a backslash makes a hit); nginx/apache
+    # records join some (the collector redacts those; see SHIPPED_FORMATS).
     assert all(pipeline(True, fmt).can_ship_lines
                for fmt in ("json", "logfmt", "plain", "syslog", "combined", "nginx", "apache"))
-    # Not regex, nor multiline entries or encodings other than UTF-8.
-    assert not pipeline(True, "regex", pattern=r"(?P<message>.*)").can_ship_lines
+    assert pipeline(True, "regex", pattern=r"(?P<message>.*) id=(?P<request_id>\S+) (?P<kind>\w+)").can_ship_lines
+    # Not a regex source with a group that key-based redaction replaces whole:
+    # the line holds its value but not its name, so the prefilter cannot tell.
+    assert not pipeline(True, "regex", pattern=r"(?P<message>.*) (?P<api_key>\S+)").can_ship_lines
+    # Unless it is renamed to a record field.
+    assert pipeline(True, "regex", pattern=r"(?P<message>.*) (?P<token>\S+)",
+                    fields={"user_id": "token"}).can_ship_lines
+    # Nor multiline entries or encodings other than UTF-8.
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
     assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
 
@@ -174,14 +180,25 @@ def _syslog_line(i: int, noise: str, secret: str, in_context: bool) -> str:
     return f"<34>Dec  1 00:00:{i % 60:02d} web su[{i}]: {noise} {secret}"  # RFC 3164
 
 
+# Groups that start and end mid-word ("user=" is cut in two), a group that
+# may take no part, and one whose name is a record field.
+_REGEX = r"(?P<timestamp>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*?)(?: us(?P<who>er=\S*))?(?: n(?P<n>\d+))?$"
+
+
+def _regex_line(i: int, noise: str, secret: str, in_context: bool) -> str:
+    tail = f" user={secret.replace(' ', '-')} n{i}" if in_context else ""
+    return f"2026-12-01 00:00:{i % 60:02d},{i % 1000:03d} {'WARN' if i % 3 else 'INFO'} {noise} {secret}{tail}"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(line_texts, st.sampled_from([("logfmt", _logfmt_line), ("plain", _plain_line), ("nginx", _nginx_line),
-                                    ("syslog", _syslog_line)]))
-def test_logfmt_plain_nginx_and_syslog_lines_path_stores_the_records_of_the_records_path(
+                                    ("syslog", _syslog_line), ("regex", _regex_line)]))
+def test_other_formats_lines_path_stores_the_records_of_the_records_path(
         texts: list[tuple[str, str, bool]], fmt: tuple[str, Any]) -> None:
     name, make = fmt
     lines = [make(i, noise, secret, flag) for i, (noise, secret, flag) in enumerate(texts)]
-    records_path, lines_path = pipeline(False, name), pipeline(True, name)
+    source = {"pattern": _REGEX} if name == "regex" else {}
+    records_path, lines_path = pipeline(False, name, **source), pipeline(True, name, **source)
     records_path.parser.fixed_now = "2026-12-01T00:00:00.000Z"  # lines whose own timestamp does not parse
     plain_items, plain_count, plain_end = records_path.process(None, chunk_of(lines), "/f.log", 0.0)
     chunk = chunk_of(lines)
@@ -415,3 +432,19 @@ def test_a_syslog_line_with_a_backslash_is_a_hit_on_both_paths() -> None:
             ["[REDACTED:credit_card]"] * 2)
         assert [r.message for r in stored] == ["declined", "declined", "fine", "a path C:\\temp, no secret"]
     assert [type(i).__name__ for i in items] == ["Record", "Record", "RawRun", "Record"]
+
+
+def test_a_custom_rule_with_a_word_boundary_finds_what_json_escapes_hid_from_the_line() -> None:
+    # "x\\nacct12345" in a JSON line is "x", a newline and "acct12345" once
+    # decoded: a boundary before "acct" that the raw line lacks. The prefilter
+    # drops \\b (a superset), so the line is a hit on both paths.
+    config = msgspec.convert({"custom": [{"name": "acct", "pattern": r"\bacct\d+"}]}, RedactConfig)
+    lines = [json.dumps({"msg": "x\nacct12345 done"}), json.dumps({"msg": "xacct12345 kept"})]
+    for ship_lines in (False, True):
+        cfg = SourceConfig(path="x", source="app", format="json")
+        p = SourcePipeline(cfg, "host-1", Redactor(config), AgentMetrics())
+        p.ship_lines = ship_lines
+        items, _, _ = p.process(None, chunk_of(lines), "/f.log", 0.0)
+        records, groups = _wire_items(items)
+        stored = [*records, *(r for g in groups for _, r in parse_shipped_lines(g, "host-1")[0])]
+        assert sorted(r.message for r in stored) == ["x\n[REDACTED:acct] done", "xacct12345 kept"]

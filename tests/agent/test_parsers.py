@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -227,6 +228,24 @@ def test_syslog_levels_facilities_and_severities_from_every_pri() -> None:
                                          "appname": "app"}
             assert fields["level"] == ["CRITICAL", "CRITICAL", "CRITICAL", "ERROR", "WARN", "INFO", "INFO",
                                        "DEBUG"][pri & 7]
+
+
+_REGEX_PATTERNS = [r"(?P<level>[A-Z]+) (?P<message>.*)", r"(?:(?P<a>é+)|(?P<b>\d+))(?P<rest>.*?)(?P<end>x)?$",
+                   r"(?P<z>)", r"(?P<user>\w+)@(?P<host>[^ ]+)", r"no groups \d"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pattern=st.sampled_from(_REGEX_PATTERNS),
+       text=st.text(alphabet=st.sampled_from(list("aAZé€ 1@x.\t😀")), max_size=24))
+def test_regex_groups_are_read_as_the_re2_binding_reads_them(pattern: str, text: str) -> None:
+    # The parser calls RE2's Match on UTF-8 bytes; the binding's search and
+    # groupdict are the reference (offsets in characters, unmatched groups left out).
+    p = parser("regex", pattern=pattern)
+    m = re2.compile(pattern).search(text)
+    expected = None if m is None else {k: v for k, v in m.groupdict().items() if v is not None}
+    got = p._parse_regex(text)
+    assert got == expected
+    assert got is None or list(got) == list(expected)  # same key order: context keys keep it
 
 
 def test_python_traceback_becomes_one_record_with_error_stack() -> None:

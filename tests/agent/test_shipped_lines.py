@@ -476,3 +476,51 @@ def test_the_local_time_of_one_syslog_group_does_not_leak_into_the_next() -> Non
     assert parser.fixed_local_now is None and parser.fixed_now is None
     later = [r for _, r in parse_shipped_lines(syslog_group(line, -5 * 3600), HOST)[0]]
     assert later[0].timestamp == "2026-06-01T12:00:00-05:00"
+
+
+# --- regex --------------------------------------------------------------------
+
+REGEX = (r"(?P<timestamp>\S+) (?P<level>[A-Z]+) (?P<message>.*?)(?: took (?P<duration_ms>[\d.]+)ms)?"
+         r"(?: (?P<shard>s\d+))?$")
+
+
+def regex_group(lines: Sequence[bytes], pattern: str | None = REGEX, source: str = "re") -> Lines:
+    return Lines(source=source, data=body_of(lines), read_at=READ_AT, format="regex", file=FILE, offset=0,
+                 pattern=pattern, fields={"request_id": "shard"})
+
+
+def test_regex_lines_are_parsed_with_the_pattern_they_carry() -> None:
+    lines = [b"2026-11-30T10:00:00Z WARN slow query took 12.5ms s3",
+             b"2026-11-30T10:00:01Z INFO caf\xc3\xa9 ready", b"nothing like it"]
+    numbered, count, errors = parse_shipped_lines(regex_group(lines), HOST)
+    assert (count, errors) == (3, 1)
+    cfg = SourceConfig(path="x", source="re", format="regex", pattern=REGEX, fields={"request_id": "shard"})
+    direct_parser = LineParser(cfg, HOST)
+    direct_parser.fixed_now = READ_AT_ISO
+    assert [r for _, r in numbered] == direct_parser.parse_lines(lines, starts_of(lines, 0), FILE)
+    slow = numbered[0][1]
+    assert (slow.level, slow.message, slow.duration_ms, slow.request_id) == ("WARN", "slow query", 12.5, "s3")
+    assert numbered[1][1].message == "café ready" and numbered[2][1].tags == ["parse_error"]
+
+
+@pytest.mark.parametrize(("pattern", "error"), [
+    (None, "lines.pattern: regex lines need their source's pattern, 1 to 4096 characters"),
+    ("x" * 4097, "lines.pattern: regex lines need their source's pattern, 1 to 4096 characters"),
+    ("(?P<message>.*", "lines.pattern is not a valid RE2 regular expression: "),
+    ("(?<=x)(?P<message>.*)", "lines.pattern is not a valid RE2 regular expression: ")])
+def test_a_regex_group_without_a_usable_pattern_is_refused_by_name(pattern: str | None, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_shipped_lines(regex_group([b"2026-11-30T10:00:00Z INFO x"], pattern, source="bad-pattern"), HOST)
+    assert str(info.value).startswith(error)
+
+
+def test_only_regex_lines_carry_a_pattern() -> None:
+    group = Lines(source="app", data=b"{}\n", read_at=READ_AT, pattern="(?P<message>.*)")
+    with pytest.raises(ValueError, match=r"^lines\.pattern: only regex lines carry a pattern$"):
+        parse_shipped_lines(group, HOST)
+
+
+def test_cached_regex_parsers_are_bounded() -> None:
+    for i in range(3 * parsers._MAX_REGEX_PARSERS):
+        parse_shipped_lines(regex_group([b"2026-11-30T10:00:00Z INFO x"], REGEX + f"(?P<g{i}>)?"), HOST)
+    assert sum(1 for key in parsers._SHIPPED_PARSERS if key[-1] is not None) <= parsers._MAX_REGEX_PARSERS

@@ -18,7 +18,7 @@ from collector import appkeys
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
 FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain",
-            "lines:syslog"]
+            "lines:regex", "lines:syslog"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 

@@ -19,7 +19,7 @@ from collector.ingest import BATCH_NAMESPACE
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
 FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain",
-            "lines:syslog"]
+            "lines:regex", "lines:syslog"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=123000) - dt.timedelta(minutes=5)
@@ -218,6 +218,22 @@ async def test_syslog_lines_are_read_in_the_zone_of_the_agent_that_sent_them(ing
     assert row["timestamp"] == naive(NOW.replace(microsecond=0))
     assert json.loads(row["context"]) == {"facility": 3, "severity": 6, "hostname": "web", "appname": "cron",
                                           "procid": "7"}
+
+
+async def test_regex_lines_are_parsed_with_their_pattern_and_a_bad_pattern_rejects_only_its_lines(
+        ingest: Any, storage: Any) -> None:
+    stamp = NOW.strftime("%Y-%m-%dT%H:%M:%S.123Z").encode()
+    pattern = r"(?P<timestamp>\S+) (?P<level>[A-Z]+) \[(?P<worker>\w+)\] (?P<message>.*)"
+    good = group([stamp + b" ERROR [w7] queue full", b"free text"], source="app-re", format="regex", pattern=pattern)
+    bad = group([stamp + b" INFO [w1] x"], source="app-re", format="regex", pattern="(?P<message>.*")
+    out = await (await ingest(body_of(batch([], [good, bad])))).json()
+    assert (out["accepted"], out["lines"]) == (2, 3)
+    assert [(r["index"], r["error"].split(":")[0]) for r in out["rejected"]] == [
+        (2, "lines.pattern is not a valid RE2 regular expression")]
+    rows = {row["message"]: row for row in await stored(storage)}
+    full = rows["queue full"]
+    assert (full["level"], full["timestamp"], json.loads(full["context"])) == ("ERROR", naive(NOW), {"worker": "w7"})
+    assert rows["free text"]["tags"] == ["parse_error"]
 
 
 async def test_nginx_lines_are_redacted_here_even_from_an_agent_with_the_same_rules(ingest: Any, storage: Any,
