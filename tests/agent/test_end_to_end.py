@@ -196,19 +196,22 @@ def test_collector_killed_while_shipping_then_restarted_stores_every_line_exactl
         collector.stop()
 
 
-def test_nginx_logfmt_and_syslog_lines_are_stored_parsed_and_redacted(collector_process, agent_process) -> None:
+def test_nginx_logfmt_syslog_and_regex_lines_are_stored_parsed_and_redacted(collector_process,
+                                                                            agent_process) -> None:
     # After the first answer, lines without a redaction hit go as read and the
     # collector parses them; an nginx message that joins a card is redacted there.
     # Syslog lines without year or zone are read in the agent's zone (UTC+05:30
     # here), not the collector's, and a card hidden by escapes in structured data is redacted.
     agent = agent_process(collector_process)
     agent.env["TZ"] = "XST-5:30"  # POSIX: 5 h 30 min east of UTC, no tz database needed
-    web, app, sys_ = f"{agent.source}-web", f"{agent.source}-app", f"{agent.source}-sys"
+    web, app, sys_, job = f"{agent.source}-web", f"{agent.source}-app", f"{agent.source}-sys", f"{agent.source}-job"
     section = json.loads(agent.config.read_text())
     section["agent"]["sources"] = [
         {"path": str(agent.logs / "access.log"), "source": web, "format": "nginx"},
         {"path": str(agent.logs / "app.logfmt"), "source": app, "format": "logfmt"},
-        {"path": str(agent.logs / "sys.log"), "source": sys_, "format": "syslog"}]
+        {"path": str(agent.logs / "sys.log"), "source": sys_, "format": "syslog"},
+        {"path": str(agent.logs / "jobs.txt"), "source": job, "format": "regex",
+         "pattern": r"(?P<level>[A-Z]+) job=(?P<job>\d+) (?P<message>.*)"}]
     agent.config.write_text(json.dumps(section))
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     stamp, iso = now.strftime("%d/%b/%Y:%H:%M:%S +0000"), now.isoformat(timespec="milliseconds")
@@ -230,16 +233,21 @@ def test_nginx_logfmt_and_syslog_lines_are_stored_parsed_and_redacted(collector_
 
     append("access.log", access(0, 100))
     append("app.logfmt", jobs(0, 100))
+    def runs(start: int, stop: int) -> list[str]:
+        return [f"INFO job={i} run {i}" for i in range(start, stop)]
+
     append("sys.log", syslog(0, 100))
+    append("jobs.txt", runs(0, 100))
     agent.start()
-    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_)] == [100, 100, 100],
+    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_, job)] == [100] * 4,
              what="the first lines")
     parsed_before = lines_parsed_by(collector_process)
     append("access.log", [f'10.0.0.1 - - [{stamp}] "GET /pay/4111-1111-1111-1" 103 5 "-" "curl"', *access(100, 300)])
     append("app.logfmt", [f'ts={iso} level=error msg="card 4111 1111 1111 1111" password=hunter2', *jobs(100, 300)])
     append("sys.log", [f'<11>1 {iso} web pay 7 - [card@1 number="4111\\ 1111\\ 1111\\ 1111"] declined',
                        *syslog(100, 300)])
-    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_)] == [301, 301, 301],
+    append("jobs.txt", ["ERROR job=300 card 4111+1111+1111+1111 declined", *runs(100, 300)])
+    wait_for(lambda: [len(stored(collector_process, s)) for s in (web, app, sys_, job)] == [301] * 4,
              what="every line")
     web_logs, app_logs = stored(collector_process, web), stored(collector_process, app)
     sys_logs = stored(collector_process, sys_)
@@ -254,10 +262,14 @@ def test_nginx_logfmt_and_syslog_lines_are_stored_parsed_and_redacted(collector_
     # RFC 3164 stamps are the agent's local time: stored as the instant they name.
     runs = [log for log in sys_logs if log["message"] != "declined"]
     assert {str(log["timestamp"])[:19] for log in runs} == {now.strftime("%Y-%m-%dT%H:%M:%S")}
-    assert "4111" not in json.dumps(web_logs + app_logs + sys_logs, default=str)
+    job_logs = stored(collector_process, job)
+    assert sorted(log["message"] for log in job_logs) == sorted([f"run {i}" for i in range(300)]
+                                                                + ["card [REDACTED:credit_card] declined"])
+    assert {log["context"]["job"] for log in job_logs} == {str(i) for i in range(301)}
+    assert "4111" not in json.dumps(web_logs + app_logs + sys_logs + job_logs, default=str)
     assert "hunter2" not in json.dumps(app_logs)
     # The later lines went as read (all but the lines with a hit): the collector counted them.
-    assert lines_parsed_by(collector_process) - parsed_before >= 600
+    assert lines_parsed_by(collector_process) - parsed_before >= 800
     assert agent.signal(signal.SIGTERM) == 0
 
 
