@@ -85,9 +85,9 @@ def _timestamp_ok(value: Any) -> bool:
     return parse_timestamp(value) is not None
 
 
-# Digits (and the spaces, dashes and pluses between digit groups: a card's
-# separators, see agent.redact) at the end of a cut text.
-_TRAILING_DIGITS = re.compile(rb"\d(?:[ +-]?\d)*[ +-]?\Z")
+# Digits (and the separators between digit groups a card may have, see
+# agent.redact: space, dash, "+" and "%20", or part of one) at the end of a cut text.
+_TRAILING_DIGITS = re.compile(rb"\d(?:(?:[ +-]|%20)?\d)*(?:[ +-]|%20|%2|%)?\Z")
 
 
 def _head(raw: bytes, size: int) -> bytes:
@@ -95,8 +95,9 @@ def _head(raw: bytes, size: int) -> bytes:
     number or SSN is no longer one the redaction rules recognise, and would be
     stored as it is."""
     head = raw[:size]
-    after = raw[size:size + 2]
-    if after[:1].isdigit() or (after[:1] in (b" ", b"-", b"+") and after[1:].isdigit()):
+    after = raw[size:size + 4]
+    if after[:1].isdigit() or (after[:1] in (b" ", b"-", b"+") and after[1:2].isdigit()) \
+            or (after[:3] == b"%20" and after[3:].isdigit()):
         run = _TRAILING_DIGITS.search(head)
         if run is not None:
             head = head[:run.start()]

@@ -174,24 +174,49 @@ class _Rule:
 
 
 _DIGIT_GROUP = re.compile(r"\d+")
+# Not the "2" or "0" of a "%20" (a URL's space): "%204111…" is a space and a
+# card, not the number 204111…
+_OUTSIDE_PERCENT20 = r"(?<!%)(?<!%2)"
+_PERCENT_OR_2 = frozenset(b"%2")
+# What separates a card's digit groups: a space, a dash, or a space in a URL
+# ("+" in a query, "%20" anywhere).
+_CARD_SEPARATOR = re.compile(r"[ +-]|%20")
+
+
+def _group_spans(run: str) -> list[tuple[int, int]]:
+    """The spans of the digit groups of a card rule's run (digits and single separators)."""
+    if "%" not in run:
+        return [m.span() for m in _DIGIT_GROUP.finditer(run)]
+    spans = []
+    pos = 0
+    for separator in _CARD_SEPARATOR.finditer(run):  # "%20" is one separator, its "20" no group
+        spans.append((pos, separator.start()))
+        pos = separator.end()
+    spans.append((pos, len(run)))
+    return spans
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 def card_windows(run: str) -> list[tuple[int, int]]:
-    """Spans of valid card numbers in a run of digits with single space, dash
-    or plus (a space in a URL's query) separators: the run is split at its separators and, left to right, the
+    """Spans of valid card numbers in a run of digits with single separators
+    (_CARD_SEPARATOR): the run is split at its separators and, left to right, the
     longest sequence of whole groups that is a valid card number is taken.
     Contiguous digits are never split: 20 glued digits are an id, not a card."""
     # The whole run first (what the search below tries first), its digits
     # without splitting it into groups.
-    digits = run.replace(" ", "").replace("-", "").replace("+", "")
+    digits = run.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
     if is_card_number(digits):
         return [(0, len(run))]
     if len(digits) <= 13 or len(digits) == len(run):  # no window but the whole run: too short, or no separators
         return []
-    texts = _DIGIT_GROUP.findall(run)
-    # Offsets: groups are separated by exactly one character.
-    starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
+    if "%" in run:
+        spans = _group_spans(run)
+        texts = [run[start:end] for start, end in spans]
+        starts = [start for start, _ in spans]
+    else:
+        texts = _DIGIT_GROUP.findall(run)
+        # Offsets: groups are separated by exactly one character.
+        starts = list(accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
     counts = list(accumulate(map(len, texts), initial=0))  # digits before group k
     found: list[tuple[int, int]] = []
     n = len(texts)
@@ -226,7 +251,8 @@ class _CardRule(_Rule):
     # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
     # keep their other numbers.
     def __init__(self) -> None:
-        super().__init__("credit_card", r"\d(?:[ +-]?\d){12,}", r"\d(?:[ +-]?\d){12}", engine="re")
+        super().__init__("credit_card", _OUTSIDE_PERCENT20 + r"\d(?:(?:[ +-]|%20)?\d){12,}",
+                         r"\d(?:(?:[ +-]|%20)?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
@@ -264,8 +290,7 @@ def _windows_outside_uuids(run: str, at: int, uuids: list[tuple[int, int]], firs
     index = first
     piece_start: int | None = None  # where the current stretch of groups outside UUIDs starts
     piece_end = 0
-    for group in _DIGIT_GROUP.finditer(run):
-        start, end = group.span()
+    for start, end in _group_spans(run):
         while index < len(uuids) and uuids[index][1] <= at + start:
             index += 1  # UUIDs ending before this group
         if index < len(uuids) and uuids[index][0] <= at + start and at + end <= uuids[index][1]:  # in a UUID
@@ -289,14 +314,14 @@ def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
     stretch = search(text)
     while stretch is not None:  # see _CARD_STRETCH
         lo, hi = stretch.span()
-        run = stretch.group().rstrip(" +-")
+        run = _TRAILING_SEPARATORS.sub("", stretch.group())
         if _DOUBLE_SEPARATOR.search(run):
             # Separators that end a run: the pattern tells the runs.
             m = regex.search(text, lo, hi)
             while m is not None:
                 runs.append((m.start(), m.group()))
                 m = regex.search(text, m.end(), hi)
-        elif len(run) - run.count(" ") - run.count("-") - run.count("+") >= 13:
+        elif len(run) - run.count(" ") - run.count("-") - run.count("+") - 3 * run.count("%20") >= 13:
             runs.append((lo, run))  # single separators between digits throughout: one run, if 13 digits
         stretch = search(text, hi)
     return runs
@@ -308,7 +333,7 @@ class _SsnRule(_Rule):
         # captured so the callback can refuse the match.
         super().__init__(
             "ssn",
-            r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
+            _OUTSIDE_PERCENT20 + r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
             r"\d{3}[- ]\d{2}[- ]\d{4}",
             engine="re",
         )
@@ -346,9 +371,12 @@ class _SsnRule(_Rule):
 # groups and repeats at every digit of the text (most of a rule's cost on a
 # short text), everywhere but in the stretches. The ASCII forms are for ASCII
 # text, where they mean the same and search faster.
-_CARD_STRETCH = (re.compile(r"[0-9][0-9 +-]{12,}"), re.compile(r"\d[\d +-]{12,}"))
-_DOUBLE_SEPARATOR = re.compile(r"[ +-]{2}")  # ends a card's run of digits
-_SSN_STRETCH = (re.compile(r"[0-9][0-9 -]{10,}"), re.compile(r"\d[\d -]{10,}"))
+_CARD_STRETCH = (re.compile(_OUTSIDE_PERCENT20 + r"[0-9](?:[0-9 +-]|%20){12,}"),
+                 re.compile(_OUTSIDE_PERCENT20 + r"\d(?:[\d +-]|%20){12,}"))
+_DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|%20){2}")  # ends a card's run of digits
+_TRAILING_SEPARATORS = re.compile(r"(?:[ +-]|%20)+\Z")
+_SSN_STRETCH = (re.compile(_OUTSIDE_PERCENT20 + r"[0-9][0-9 -]{10,}"),
+                re.compile(_OUTSIDE_PERCENT20 + r"\d[\d -]{10,}"))
 
 
 class _ValueRule(_Rule):
@@ -450,7 +478,7 @@ def _builtin_rules() -> dict[str, _Rule]:
 
 
 _json_encode = msgspec.json.Encoder().encode
-_DIGIT_RUN = re.compile(rb"\d(?:[ +-]?\d)*")
+_DIGIT_RUN = re.compile(rb"\d(?:(?:[ +-]|%20)?\d)*")
 _SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
 # Rules none of whose matches can start inside a run of digits (past its first
@@ -534,12 +562,12 @@ class Redactor:
         # Key names make a line worth a look too (context keys), and JSON's
         # escapes could hide what the rules find in the decoded text: digits
         # and letters (\u0034, \u0061), separators of cards and SSNs (\u0020,
-        # \u002d, \u002b), dots and slashes (\u002e, \u002f), and an escape ending in
+        # \u002d, \u002b, \u0025), dots and slashes (\u002e, \u002f), and an escape ending in
         # a digit glued to a number ("\u00e94111…" is "é4111…", not "94111…").
         key_words = sorted({k for k in self._keys} | {k.replace("_", "-") for k in self._keys})
         if key_words:
             parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
-        parts.append(r"\\u(?:00(?:[3-9]|2[0bBdDeEfF])|[0-9A-Fa-f]{3}\d\d)")
+        parts.append(r"\\u(?:00(?:[3-9]|2[05bBdDeEfF])|[0-9A-Fa-f]{3}\d\d)")
         self.active = self.enabled and bool(self._rules or self._keys)
         self._fingerprint = self._make_fingerprint(cfg)
         combined = "|".join(parts) if parts else "$^"
@@ -648,7 +676,11 @@ class Redactor:
                 # would have matched from its own start, which is at or after
                 # ``pos`` (a line's start or the end of a run dismissed before).
                 run_end = digit_run(data, start).end()  # type: ignore[union-attr]
-                if (json and _in_uuid_token(data, start, run_end)) or self._no_card_or_ssn(data[start:run_end]):
+                # Digits of a "%20" before the run are a separator, not part of it (_OUTSIDE_PERCENT20).
+                lead = 0
+                if start and data[start - 1] in _PERCENT_OR_2:  # "%" or "2"
+                    lead = 2 if data[start - 1] == 37 else 1 if start > 1 and data[start - 2] == 37 else 0
+                if (json and _in_uuid_token(data, start, run_end)) or self._no_card_or_ssn(data[start + lead:run_end]):
                     found = None if others is None else others.spans(data, start, end)
                     if found is None or found[0][0] >= run_end:
                         pos = run_end

@@ -42,10 +42,10 @@ def card_numbers(draw: st.DrawFn) -> str:
     prefix, length = draw(st.sampled_from(ISSUERS))
     body = draw(st.text("0123456789", min_size=length - len(prefix) - 1, max_size=length - len(prefix) - 1))
     number = luhn_complete(prefix + body)
-    style = draw(st.sampled_from(["plain", "spaces", "dashes", "plus"]))
+    style = draw(st.sampled_from(["plain", "spaces", "dashes", "plus", "percent"]))
     if style == "plain":
         return number
-    sep = {"spaces": " ", "dashes": "-", "plus": "+"}[style]  # plus: a space in a URL's query
+    sep = {"spaces": " ", "dashes": "-", "plus": "+", "percent": "%20"}[style]  # a space in a URL: "+", "%20"
     return sep.join(number[i:i + 4] for i in range(0, len(number), 4))
 
 
@@ -72,8 +72,8 @@ def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, car
     assert card not in out
     # A card right after "Bearer" (or "token=", …) goes as that secret: secrets come first.
     assert "[REDACTED:credit_card]" in out or "[REDACTED:secrets]" in out
-    digits = card.replace(" ", "").replace("-", "").replace("+", "")
-    assert digits[-8:] not in out.replace(" ", "").replace("-", "").replace("+", "")
+    digits = card.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
+    assert digits[-8:] not in out.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -388,6 +388,11 @@ def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redact
     out = redactor.redact_text("GET /pay?card=4111+1111+1111+1111&exp=12%2F29 HTTP/1.1")
     assert out == "GET /pay?card=[REDACTED:credit_card]&exp=12%2F29 HTTP/1.1"
     assert redactor.redact_text("q=5500+0000+0000+0004+and+more") == "q=[REDACTED:credit_card]+and+more"
+    # "%20" is a space anywhere in a URL; its "20" is never read as digits of the card after it.
+    assert redactor.redact_text("GET /find?q=4111%201111%201111%201111") == "GET /find?q=[REDACTED:credit_card]"
+    assert redactor.redact_text("q=%204111111111111111%20x") == "q=%20[REDACTED:credit_card]%20x"
+    assert redactor.redact_text("ssn=%20123-45-6789") == "ssn=%20[REDACTED:ssn]"
+    assert redactor.redact_text("/files/report%202026%2011%2030.pdf") == "/files/report%202026%2011%2030.pdf"
     # Pluses elsewhere stay: zone offsets, sums, phone numbers, a "+" run that holds no card.
     for kept in ("2026-12-01T10:00:00.123+05:30", "1764583200+0530", "sum 10+20+30+40=100",
                  "call +1 415 555 0100", "4111++1111+1111+1111", "order 1234+5678+9012+3456"):
@@ -421,10 +426,19 @@ def _reference_luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _reference_groups(run: str) -> list[tuple[int, int]]:
+    """The spans between a run's separators (space, dash, "+", "%20")."""
+    cuts = [m.span() for m in re.finditer(r"[ +-]|%20", run)]
+    ends = [a for a, _ in cuts] + [len(run)]
+    starts = [0] + [b for _, b in cuts]
+    return list(zip(starts, ends, strict=True))
+
+
 def _reference_card_windows(run: str) -> list[tuple[int, int]]:
     """card_windows as it was first written: every split of the groups, left to right."""
-    texts = re.findall(r"\d+", run)
-    starts = [sum(len(t) + 1 for t in texts[:k]) for k in range(len(texts))]
+    groups = _reference_groups(run)
+    texts = [run[a:b] for a, b in groups]
+    starts = [a for a, _ in groups]
     found: list[tuple[int, int]] = []
     i = 0
     while i < len(texts):
@@ -441,7 +455,8 @@ def _reference_card_windows(run: str) -> list[tuple[int, int]]:
 
 _digit = st.sampled_from("0123456789" * 6 + "٠١٢٣٤٥٦٧٨٩")
 _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_size=6).flatmap(
-    lambda groups: st.lists(st.sampled_from(" -+"), min_size=len(groups) - 1, max_size=len(groups) - 1).map(
+    lambda groups: st.lists(st.sampled_from([" ", "-", "+", "%20"]), min_size=len(groups) - 1,
+                            max_size=len(groups) - 1).map(
         lambda seps: groups[0] + "".join(s + g for s, g in zip(seps, groups[1:], strict=True))))
 
 
@@ -449,7 +464,7 @@ _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_
 @given(run=st.one_of(_digit_runs, card_numbers(), st.builds(lambda a, b: f"{a} {b}", card_numbers(), _digit_runs)))
 def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) -> None:
     assert card_windows(run) == _reference_card_windows(run)
-    digits = run.replace(" ", "").replace("-", "").replace("+", "")
+    digits = run.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
     assert luhn_valid(digits) == _reference_luhn(digits)
     assert is_card_number(digits) == (13 <= len(digits) <= 19 and card_issuer(digits) is not None
                                       and _reference_luhn(digits))
@@ -457,7 +472,7 @@ def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) 
 
 _rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids().map(str),
                                  st.sampled_from([" ", "-", "+", "  ", "--", " -", "+-", " +", "++", "x", "é", "1",
-                                                  "\n", UUID_CARD,
+                                                  "\n", UUID_CARD, "%20", "%2", "%", "%20%20", "%20 ",
                                                   "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١"])),
                        max_size=8).map("".join)
 
@@ -470,7 +485,7 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
         nonlocal count
         run, at = m.group(), m.start()
         # Groups of digits inside a UUID split the run; the pieces between are searched.
-        groups = [g.span() for g in re.finditer(r"\d+", run)]
+        groups = _reference_groups(run)
         inside = [any(u.start() <= at + s and at + e <= u.end() for u in uuids) for s, e in groups]
         windows: list[tuple[int, int]] = []
         k = 0
@@ -501,8 +516,8 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
 
     uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
     if rule_name == "credit_card":
-        return re.sub(r"\d(?:[ +-]?\d){12,}", card, text), count
-    return re.sub(r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
+        return re.sub(r"(?<!%)(?<!%2)\d(?:(?:[ +-]|%20)?\d){12,}", card, text), count
+    return re.sub(r"(?<!%)(?<!%2)(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
