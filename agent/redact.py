@@ -581,6 +581,7 @@ class Redactor:
         # refuses them): a match reaching across the "\x00" into the next
         # field only adds a field whose redaction finds nothing.
         self._fields_alone = not cfg.custom
+        self._custom_rules = bool(cfg.custom)
         # Short strings (one record's fields): Python's re has less call overhead.
         # Custom patterns are user input, so with any, RE2 stays in charge.
         self._prefilter_bytes = _compile(combined.encode())
@@ -744,9 +745,12 @@ class Redactor:
 
     def redact_value(self, value: Any) -> Any:
         """A JSON-like value with strings redacted, recursively; values under
-        sensitive keys are replaced whole."""
+        sensitive keys are replaced whole, and numbers whose digits the rules
+        find something in (``{"pan": 4111111111111111}``) by the redacted text."""
         if isinstance(value, str):
             return self.redact_text(value)
+        if type(value) is int or type(value) is float:
+            return self._redact_number(value)
         if isinstance(value, dict):
             out: dict[Any, Any] = {}
             for k, v in value.items():
@@ -760,6 +764,19 @@ class Redactor:
         if isinstance(value, list):
             return [self.redact_value(v) for v in value]
         return value
+
+    def _redact_number(self, value: int | float) -> Any:
+        """``value``, or its JSON text redacted if any rule finds something in
+        it (a number's digits are text to the rules as they are in a line:
+        ``4111111111111111`` is a card, ``1764583200000`` a timestamp)."""
+        text = _json_encode(value).decode()
+        if len(text) < 9:  # shorter than anything a built-in rule finds in digits
+            return value if not self._custom_rules else self._redacted_or(value, text)
+        return self._redacted_or(value, text)
+
+    def _redacted_or(self, value: Any, text: str) -> Any:
+        redacted = self.redact_text(text)
+        return value if redacted == text else redacted
 
     def _hit_fields(self, texts: list[tuple[str, str]], probe: str, encoded: bytes,
                     found: Any) -> tuple[set[str], set[str]]:

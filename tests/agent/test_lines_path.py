@@ -467,3 +467,12 @@ def test_a_card_written_with_url_spaces_is_a_hit_and_is_redacted(fmt: str) -> No
             "GET /pay?card=[REDACTED:credit_card]" + (" HTTP/1.1 200" if fmt == "nginx" else "")])
         if ship_lines and fmt != "nginx":
             assert all(isinstance(i, Record) for i in items)  # hits: parsed and redacted here
+
+
+def test_a_card_logged_as_a_json_number_is_redacted_on_both_paths() -> None:
+    lines = ['{"msg": "paid", "pan": 4111111111111111, "qty": 2}', '{"msg": "ok", "at": 1764583200000}']
+    for ship_lines in (False, True):
+        items, _, _ = pipeline(ship_lines, "json").process(None, chunk_of(lines), "/f.log", 0.0)
+        stored = sorted(expand(items) if ship_lines else items, key=lambda r: r.offset)  # type: ignore[union-attr]
+        assert [r.context for r in stored] == [  # type: ignore[union-attr]
+            {"pan": "[REDACTED:credit_card]", "qty": 2}, {"at": 1764583200000}]

@@ -406,6 +406,25 @@ def test_a_json_escaped_plus_between_card_digits_makes_the_line_a_hit(redactor: 
     assert line.index(b"4111") <= hit < line.index(b"\n")
 
 
+def test_a_card_number_logged_as_a_json_number_is_redacted(redactor: Redactor) -> None:
+    # {"pan": 4111111111111111}: a number in the context is text to the rules
+    # as its digits would be in a line; other numbers stay numbers.
+    context = {"pan": 4111111111111111, "neg": -5500000000000004, "whole": 4111111111111111.0,
+               "cents": 4111111111111111.5, "items": [4111111111111111, 7, True, None],
+               "at": 1764583200000, "order": 4111111111111112, "big": 1e300, "ok": False}
+    before = redactor.counts["credit_card"]
+    out = redactor.redact_record(Record(timestamp="t", level="INFO", source="s", message="paid", context=context))
+    assert out.context == {"pan": "[REDACTED:credit_card]", "neg": "-[REDACTED:credit_card]",
+                           "whole": "[REDACTED:credit_card].0", "cents": "[REDACTED:credit_card].5",
+                           "items": ["[REDACTED:credit_card]", 7, True, None], "at": 1764583200000,
+                           "order": 4111111111111112, "big": 1e300, "ok": False}
+    assert redactor.counts["credit_card"] - before == 5
+    # Hashed, a number and the same card in text stay joinable.
+    hashing = Redactor(RedactConfig(mode="hash", hash_key="k" * 32))
+    as_number = hashing.redact_value({"pan": 4111111111111111})["pan"]
+    assert as_number == hashing.redact_text("4111 1111 1111 1111") and as_number.startswith("[REDACTED:credit_card:")
+
+
 def test_digits_of_other_scripts_next_to_a_card_never_crash_the_redactor(redactor: Redactor) -> None:
     # Python's \d matches Arabic-Indic digits; the Luhn table was ASCII-only (KeyError in the read loop).
     assert luhn_valid("4111111111111١١١")
