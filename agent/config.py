@@ -12,6 +12,7 @@ rules to records that arrive without an agent (``collector.redact``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import msgspec
@@ -44,36 +45,55 @@ def _check_regex(pattern: str, what: str) -> None:
         raise ValueError(f"{what} is not a valid RE2 regular expression: {detail}") from None
 
 
-def _anchor(pattern: str) -> str | None:
-    """The first anchor (``^``, ``$``, ``\\A``, ``\\z``) in ``pattern`` outside
-    a character class, else ``None``."""
+def _pattern_parts(pattern: str) -> Iterator[tuple[str, str]]:
+    """An RE2 pattern in parts, as (kind, text): ``class`` (a character class
+    whole), ``quote`` (``\\Q…\\E``), ``escape`` (a backslash and the character
+    after it) and ``char`` (any other character)."""
     i, n = 0, len(pattern)
-    in_class = False
     while i < n:
         c = pattern[i]
         if c == "\\":
-            if not in_class and pattern[i + 1:i + 2] in ("A", "z", "Z"):
-                return pattern[i:i + 2]
-            i += 2
+            if pattern[i + 1:i + 2] == "Q":
+                end = pattern.find("\\E", i + 2)
+                end = n if end < 0 else end + 2
+                yield "quote", pattern[i:end]
+                i = end
+            else:
+                yield "escape", pattern[i:i + 2]
+                i += 2
             continue
-        if in_class:
-            if c == "[" and pattern[i + 1:i + 2] == ":":  # [:alpha:]
-                end = pattern.find(":]", i + 2)
-                i = end + 2 if end >= 0 else i + 1
-                continue
-            if c == "]":
-                in_class = False
-        elif c == "[":
-            in_class = True
+        if c != "[":
+            yield "char", c
             i += 1
-            if pattern[i:i + 1] == "^":
-                i += 1
-            if pattern[i:i + 1] == "]":  # a leading "]" is a member
-                i += 1
             continue
-        elif c in "^$":
-            return c
-        i += 1
+        j = i + 1
+        if pattern[j:j + 1] == "^":
+            j += 1
+        if pattern[j:j + 1] == "]":  # a leading "]" is a member
+            j += 1
+        while j < n:
+            d = pattern[j]
+            if d == "\\":
+                j += 2
+                continue
+            if d == "[" and pattern[j + 1:j + 2] == ":":  # [:alpha:]
+                end = pattern.find(":]", j + 2)
+                if end >= 0:
+                    j = end + 2
+                    continue
+            j += 1
+            if d == "]":
+                break
+        yield "class", pattern[i:j]
+        i = j
+
+
+def _anchor(pattern: str) -> str | None:
+    """The first anchor (``^``, ``$``, ``\\A``, ``\\z``) in ``pattern`` outside
+    a character class, else ``None``."""
+    for kind, text in _pattern_parts(pattern):
+        if (kind == "escape" and text in ("\\A", "\\z", "\\Z")) or (kind == "char" and text in "^$"):
+            return text
     return None
 
 
@@ -83,42 +103,8 @@ def without_boundaries(pattern: str) -> str:
     every text ``pattern`` matches, and more. A prefilter must: a field's text
     can have a boundary its line lacks (``x\\nacct1`` in a JSON line is
     ``x``, a newline and ``acct1`` once decoded; a regex group can start mid-word)."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    in_class = False
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            pair = pattern[i:i + 2]
-            if not in_class and pair == "\\Q":
-                end = pattern.find("\\E", i + 2)
-                end = n if end < 0 else end + 2
-                out.append(pattern[i:end])
-                i = end
-                continue
-            out.append("(?:)" if not in_class and pair in ("\\b", "\\B") else pair)
-            i += 2
-            continue
-        out.append(c)
-        if in_class:
-            if c == "[" and pattern[i + 1:i + 2] == ":":  # [:alpha:]
-                end = pattern.find(":]", i + 2)
-                if end >= 0:
-                    out.append(pattern[i + 1:end + 2])
-                    i = end + 2
-                    continue
-            if c == "]":
-                in_class = False
-        elif c == "[":
-            in_class = True
-            i += 1
-            for member in ("^", "]"):  # a leading "^" negates; a "]" after it is a member
-                if pattern[i:i + 1] == member:
-                    out.append(member)
-                    i += 1
-            continue
-        i += 1
-    return "".join(out)
+    return "".join("(?:)" if kind == "escape" and text in ("\\b", "\\B") else text
+                   for kind, text in _pattern_parts(pattern))
 
 
 class CustomRedactRule(msgspec.Struct, forbid_unknown_fields=True):

@@ -584,7 +584,8 @@ def test_anchored_custom_patterns_are_a_config_error(pattern: str) -> None:
     assert "anchor" in str(info.value)
 
 
-@pytest.mark.parametrize("pattern", [r"[^a-z]\d{4}", r"\bu\d+\b", r"cost \$\d+", r"[$^]x", r"[]^]x", r"[[:digit:]^]+"])
+@pytest.mark.parametrize("pattern", [r"[^a-z]\d{4}", r"\bu\d+\b", r"cost \$\d+", r"[$^]x", r"[]^]x", r"[[:digit:]^]+",
+                                     r"\Q^$\E\d"])
 def test_carets_and_dollars_that_are_not_anchors_are_accepted(pattern: str) -> None:
     rule = convert({"name": "r", "pattern": pattern}, CustomRedactRule, base_path="agent.redact.custom[0]")
     assert rule.pattern == pattern
