@@ -53,7 +53,14 @@ from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
-from agent.parsers import BACKSLASH_FORMATS, JOINED_FORMATS, SHIPPED_FORMATS, LineParser, parse_shipped_lines
+from agent.parsers import (
+    BACKSLASH_FORMATS,
+    JOINED_FORMATS,
+    MAX_SHIPPED_PATTERN,
+    SHIPPED_FORMATS,
+    LineParser,
+    parse_shipped_lines,
+)
 from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
@@ -119,7 +126,7 @@ class SourcePipeline:
         # Whether this source's lines can go as read: JSON in UTF-8, one line a record.
         self.can_ship_lines = (cfg.format in SHIPPED_FORMATS and cfg.multiline is None
                                and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
-                               and not self._sensitive_groups())
+                               and len(cfg.pattern or "") <= MAX_SHIPPED_PATTERN and not self._sensitive_groups())
         self.ship_lines = False
         # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
         self.quoted_json = cfg.format in ("json", "logfmt")

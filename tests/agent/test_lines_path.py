@@ -142,6 +142,8 @@ def test_which_sources_ship_lines() -> None:
     # Unless it is renamed to a record field.
     assert pipeline(True, "regex", pattern=r"(?P<message>.*) (?P<token>\S+)",
                     fields={"user_id": "token"}).can_ship_lines
+    # Nor a pattern longer than a collector takes (it would refuse the lines).
+    assert not pipeline(True, "regex", pattern="(?P<message>.*)" + "x?" * 2100).can_ship_lines
     # Nor multiline entries or encodings other than UTF-8.
     assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
     assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
