@@ -172,16 +172,23 @@ def substitute_env(value: Any, environ: typing.Mapping[str, str] | None = None) 
     return value
 
 
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_yaml(text: str, file: str | None = None, environ: typing.Mapping[str, str] | None = None) -> YamlDocument:
     """Parse YAML text; a syntax error becomes a :class:`ConfigInvalid` with its line."""
+    # One parse for the values and their lines, in C where PyYAML has libyaml.
+    loader = _YAML_LOADER(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         line = mark.line + 1 if mark is not None else None
         raise ConfigInvalid([ConfigError("", f"invalid YAML: {problem}", file, line)]) from None
+    finally:
+        loader.dispose()
     lines: dict[str, int] = {}
     if node is not None:
         _index_lines(node, "", lines)
