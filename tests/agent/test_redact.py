@@ -258,6 +258,16 @@ def test_the_fingerprint_names_what_the_rules_find_not_how_they_replace() -> Non
     assert Redactor(RedactConfig(enabled=False)).fingerprint == ""
 
 
+def test_the_fingerprint_changes_with_what_the_built_in_rules_find(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent of an earlier version, same configuration, found less: a
+    # collector must not take its batches as redacted with the current rules.
+    import agent.redact
+
+    current = Redactor(RedactConfig()).fingerprint
+    monkeypatch.setattr(agent.redact, "RULES_VERSION", agent.redact.RULES_VERSION - 1)
+    assert Redactor(RedactConfig()).fingerprint not in ("", current)
+
+
 # --- the whole-chunk prefilter: lines it lets through must need no redaction --
 
 def _parsed(lines: list[bytes], fmt: str = "json") -> list[Record]:
