@@ -174,6 +174,7 @@ class _Rule:
 
 
 _DIGIT_GROUP = re.compile(r"\d+")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 # Not the "2" or "0" of a "%20" (a URL's space): "%204111…" is a space and a
 # card, not the number 204111…
 _OUTSIDE_PERCENT20 = r"(?<!%)(?<!%2)"
@@ -194,7 +195,6 @@ def _group_spans(run: str) -> list[tuple[int, int]]:
         pos = separator.end()
     spans.append((pos, len(run)))
     return spans
-_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 def card_windows(run: str) -> list[tuple[int, int]]:
@@ -568,8 +568,9 @@ class Redactor:
         # Key names make a line worth a look too (context keys), and JSON's
         # escapes could hide what the rules find in the decoded text: digits
         # and letters (\u0034, \u0061), separators of cards and SSNs (\u0020,
-        # \u002d, \u002b, \u0025), dots and slashes (\u002e, \u002f), and an escape ending in
-        # a digit glued to a number ("\u00e94111…" is "é4111…", not "94111…").
+        # \u002d, and a URL's \u002b and \u0025), dots and slashes (\u002e,
+        # \u002f), and an escape ending in a digit glued to a number
+        # ("\u00e94111…" is "é4111…", not "94111…").
         key_words = sorted({k for k in self._keys} | {k.replace("_", "-") for k in self._keys})
         if key_words:
             parts.append("(?i:" + "|".join(re2.escape(k) for k in key_words) + ")")
