@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import get_args
 
+from agent.config import Format
 from agent.configfile import ConfigError, ConfigInvalid
 
 
@@ -19,9 +21,18 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate the agent config; exit 0, or print every error and exit 2"
     )
     check.add_argument("-c", "--config", required=True, metavar="FILE")
-    redact = commands.add_parser("redact", help="print stdin lines redacted with the configured rules")
+    redact = commands.add_parser(
+        "redact", help="print stdin lines redacted with the configured rules",
+        description="Print stdin lines redacted with the rules of FILE (the defaults without it). With "
+                    "--source or --format, parse each line as that source would and print the redacted "
+                    "records as JSON, one a line: what the collector stores.")
     redact.add_argument("-c", "--config", metavar="FILE")
     redact.add_argument("--counts", action="store_true", help="print matches per rule on stderr at the end")
+    how = redact.add_mutually_exclusive_group()
+    how.add_argument("--source", metavar="NAME", help="parse as FILE's source NAME (its format, pattern, fields "
+                                                      "and tags; one record a line)")
+    how.add_argument("--format", choices=sorted(get_args(Format)), help="parse as a source of this format")
+    redact.add_argument("--pattern", help="the named-group pattern of --format regex")
     return parser
 
 
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok ({len(cfg.sources)} sources)")
         return 0
     if args.command == "redact":
+        if args.source or args.format:
+            return _redact_records(args.config, args.source, args.format, args.pattern, args.counts)
         return _redact(args.config, args.counts)
     try:
         cfg = _load(args.config)
@@ -93,6 +106,68 @@ def _redact(path: str | None, counts: bool) -> int:
         newline = line.endswith("\n")
         text = line[:-1] if newline else line
         out.write(redactor.redact_text(text) + ("\n" if newline else ""))
+    out.flush()
+    if counts:
+        for rule, n in sorted(redactor.counts.items()):
+            print(f"{rule}: {n}", file=sys.stderr)
+    return 0
+
+
+def _redact_records(path: str | None, source: str | None, fmt: str | None, pattern: str | None,
+                    counts: bool) -> int:
+    """stdin's lines parsed as a source, redacted, as JSON records (one a line)."""
+    import msgspec
+
+    from agent.config import RedactConfig, SourceConfig, load_agent_config
+    from agent.parsers import LineParser
+    from agent.redact import Redactor
+
+    redact_cfg = RedactConfig()
+    try:
+        if path:
+            cfg = load_agent_config(path)
+            redact_cfg = cfg.redact
+            if source is not None:
+                matches = [s for s in cfg.sources if s.source == source]
+                if not matches:
+                    names = ", ".join(sorted({s.source for s in cfg.sources})) or "none"
+                    print(f"{path}: agent.sources: no source named {source!r} (there are: {names})",
+                          file=sys.stderr)
+                    return 2
+                src = msgspec.structs.replace(matches[0], multiline=None)
+        elif source is not None:
+            print("logferry-agent redact: --source needs -c FILE", file=sys.stderr)
+            return 2
+        if source is None:
+            src = msgspec.convert({"path": "-", "source": "stdin", "format": fmt, "pattern": pattern},
+                                  SourceConfig)
+    except ConfigInvalid as exc:
+        return _print_errors(exc)
+    except (msgspec.ValidationError, ValueError) as exc:
+        print(f"logferry-agent redact: {exc}", file=sys.stderr)
+        return 2
+    parser = LineParser(src, "stdin")
+    redactor = Redactor.from_config(redact_cfg)
+    encode = msgspec.json.Encoder().encode
+    out = sys.stdout.buffer
+    offset = 0
+    batch: list[bytes] = []
+    starts: list[int] = []
+
+    def flush() -> None:
+        for record in parser.parse_lines(batch, starts, None):
+            out.write(encode(redactor.redact_record(record)) + b"\n")
+        batch.clear()
+        starts.clear()
+
+    for raw in sys.stdin.buffer:
+        line = raw[:-1] if raw.endswith(b"\n") else raw
+        batch.append(line)
+        starts.append(offset)
+        offset += len(raw)
+        if len(batch) >= 1000:
+            flush()
+    flush()
     out.flush()
     if counts:
         for rule, n in sorted(redactor.counts.items()):

@@ -7,6 +7,7 @@ import string
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import re2
@@ -233,6 +234,39 @@ def test_redact_command_prints_stdin_redacted(tmp_path: object) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout == "card [REDACTED:credit_card]\nnothing here\n"
     assert "credit_card: 1" in out.stderr
+
+
+def test_redact_command_parses_as_a_source_and_prints_the_redacted_records(tmp_path: Any) -> None:
+    import json
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(json.dumps({"agent": {
+        "collector": {"url": "http://127.0.0.1:9", "token": "t"}, "state_dir": str(tmp_path / "state"),
+        "sources": [{"path": "/x/*.log", "source": "jobs", "format": "regex", "tags": ["batch"],
+                     "pattern": r"(?P<level>[A-Z]+) (?P<message>.*?)(?: pan=(?P<pan>\d+))?$"}]}}))
+
+    def run(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", "redact", *args], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    # Structured data is unescaped: the record holds a card no raw line does.
+    out = run("--format", "syslog", stdin='<134>1 - web app - - [c@1 n="4111\\ 1111\\ 1111\\ 1111"] paid\n')
+    assert out.returncode == 0, out.stderr
+    [record] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert record["message"] == "paid"
+    assert record["context"]["structured_data"] == {"c@1": {"n": "[REDACTED:credit_card]"}}
+    # A configured source: its pattern and tags; a number in a group is text.
+    out = run("-c", str(config), "--source", "jobs", "--counts", stdin="WARN paid pan=4111111111111111\nINFO ok\n")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["level"], r["message"], r.get("context"), r["tags"]) for r in records] == [
+        ("WARN", "paid", {"pan": "[REDACTED:credit_card]"}, ["batch"]), ("INFO", "ok", None, ["batch"])]
+    assert "credit_card: 1" in out.stderr
+    # Mistakes are named, with exit status 2.
+    unknown = run("-c", str(config), "--source", "web", stdin="")
+    assert unknown.returncode == 2 and "no source named 'web' (there are: jobs)" in unknown.stderr
+    assert run("--source", "jobs", stdin="").stderr.strip() == "logferry-agent redact: --source needs -c FILE"
+    assert "needs a `pattern`" in run("--format", "regex", stdin="").stderr
 
 
 def test_chunk_prefilter_dismisses_digit_runs_without_a_card_or_ssn(redactor: Redactor) -> None:
