@@ -427,6 +427,7 @@ class Agent:
         self._unacked = 0
         self._pending_by_file: dict[str, deque[_Marker]] = {}
         self._removable: list[PendingBatch] = []
+        self._dirty_set = asyncio.Event()  # wakes the commit loop (see _dirty)
         self._dirty = False
         self._committed = asyncio.Event()
         self._lock_fd: int | None = None
@@ -918,11 +919,25 @@ class Agent:
             self._write_commit(*self._commit_snapshot())
         self.metrics.spool_bytes = self.spool.used_bytes
 
+    @property
+    def _dirty(self) -> bool:
+        """Whether the checkpoint has changed since it was last written (set on the loop only)."""
+        return self._dirty_flag
+
+    @_dirty.setter
+    def _dirty(self, value: bool) -> None:
+        self._dirty_flag = value
+        if value:
+            self._dirty_set.set()
+
     async def _commit_loop(self) -> None:
         # A few checkpoint writes a second: each is two fsyncs, and a crash
         # between them only means re-sending spooled batches (deduplicated).
+        # Asleep while nothing changes: an idle agent does not wake for it.
         while True:
+            await self._dirty_set.wait()
             await asyncio.sleep(0.2)
+            self._dirty_set.clear()
             if self._dirty:
                 # The snapshot is taken on the loop; the fsyncs happen in a thread.
                 await asyncio.to_thread(self._write_commit, *self._commit_snapshot())
