@@ -175,10 +175,14 @@ class _Rule:
 
 _DIGIT_GROUP = re.compile(r"\d+")
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
-# Not the "2" or "0" of a "%20" (a URL's space): "%204111…" is a space and a
-# card, not the number 204111…
-_OUTSIDE_PERCENT20 = r"(?<!%)(?<!%2)"
-_PERCENT_OR_2 = frozenset(b"%2")
+# A number does not start on a hex digit of a URL's percent escape: "%204111…"
+# is a space and a card, not the number 204111…, and "%24000…" is "$000…".
+# Put before a pattern's first digit; the form after it (_NOT_IN_ESCAPE)
+# keeps a leading character class, which re's search skips ahead with (a
+# leading lookbehind makes it try every position).
+_OUTSIDE_ESCAPE = r"(?<!%)(?<!%[0-9A-Fa-f])"
+_NOT_IN_ESCAPE = r"(?<!%[0-9])(?<!%[0-9A-Fa-f][0-9])"
+_HEX_OR_PERCENT = frozenset(b"%0123456789ABCDEFabcdef")
 # What separates a card's digit groups: a space, a dash, or a space in a URL
 # ("+" in a query, "%20" anywhere).
 _CARD_SEPARATOR = re.compile(r"[ +-]|%20")
@@ -251,7 +255,7 @@ class _CardRule(_Rule):
     # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
     # keep their other numbers.
     def __init__(self) -> None:
-        super().__init__("credit_card", _OUTSIDE_PERCENT20 + r"\d(?:(?:[ +-]|%20)?\d){12,}",
+        super().__init__("credit_card", r"\d" + _NOT_IN_ESCAPE + r"(?:(?:[ +-]|%20)?\d){12,}",
                          r"\d(?:(?:[ +-]|%20)?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
@@ -314,8 +318,11 @@ def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
     stretch = search(text)
     while stretch is not None:  # see _CARD_STRETCH
         lo, hi = stretch.span()
-        run = _TRAILING_SEPARATORS.sub("", stretch.group())
-        if _DOUBLE_SEPARATOR.search(run):
+        run = stretch.group().rstrip(" +-")
+        while run.endswith("%20"):
+            run = run[:-3].rstrip(" +-")
+        if ("%" in run and _DOUBLE_SEPARATOR.search(run)) or "  " in run or "--" in run or "++" in run \
+                or " -" in run or "- " in run or " +" in run or "+ " in run or "-+" in run or "+-" in run:
             # Separators that end a run: the pattern tells the runs.
             m = regex.search(text, lo, hi)
             while m is not None:
@@ -333,7 +340,7 @@ class _SsnRule(_Rule):
         # captured so the callback can refuse the match.
         super().__init__(
             "ssn",
-            _OUTSIDE_PERCENT20 + r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
+            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
             r"\d{3}[- ]\d{2}[- ]\d{4}",
             engine="re",
         )
@@ -371,12 +378,11 @@ class _SsnRule(_Rule):
 # groups and repeats at every digit of the text (most of a rule's cost on a
 # short text), everywhere but in the stretches. The ASCII forms are for ASCII
 # text, where they mean the same and search faster.
-_CARD_STRETCH = (re.compile(_OUTSIDE_PERCENT20 + r"[0-9](?:[0-9 +-]|%20){12,}"),
-                 re.compile(_OUTSIDE_PERCENT20 + r"\d(?:[\d +-]|%20){12,}"))
+_CARD_STRETCH = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|%20){12,}"),
+                 re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|%20){12,}"))
 _DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|%20){2}")  # ends a card's run of digits
-_TRAILING_SEPARATORS = re.compile(r"(?:[ +-]|%20)+\Z")
-_SSN_STRETCH = (re.compile(_OUTSIDE_PERCENT20 + r"[0-9][0-9 -]{10,}"),
-                re.compile(_OUTSIDE_PERCENT20 + r"\d[\d -]{10,}"))
+_SSN_STRETCH = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"[0-9 -]{10,}"),
+                re.compile(r"\d" + _NOT_IN_ESCAPE + r"[\d -]{10,}"))
 
 
 class _ValueRule(_Rule):
@@ -685,9 +691,9 @@ class Redactor:
                 # would have matched from its own start, which is at or after
                 # ``pos`` (a line's start or the end of a run dismissed before).
                 run_end = digit_run(data, start).end()  # type: ignore[union-attr]
-                # Digits of a "%20" before the run are a separator, not part of it (_OUTSIDE_PERCENT20).
+                # Digits of a percent escape ("%20", "%24") are not the number's (_OUTSIDE_ESCAPE).
                 lead = 0
-                if start and data[start - 1] in _PERCENT_OR_2:  # "%" or "2"
+                if start and data[start - 1] in _HEX_OR_PERCENT:
                     lead = 2 if data[start - 1] == 37 else 1 if start > 1 and data[start - 2] == 37 else 0
                 if (json and _in_uuid_token(data, start, run_end)) or self._no_card_or_ssn(data[start + lead:run_end]):
                     found = None if others is None else others.spans(data, start, end)

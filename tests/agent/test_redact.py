@@ -437,6 +437,9 @@ def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redact
     assert redactor.redact_text("q=%204111111111111111%20x") == "q=%20[REDACTED:credit_card]%20x"
     assert redactor.redact_text("ssn=%20123-45-6789") == "ssn=%20[REDACTED:ssn]"
     assert redactor.redact_text("/files/report%202026%2011%2030.pdf") == "/files/report%202026%2011%2030.pdf"
+    # No number starts on an escape's hex digits: "%2F4111…" is "/" and a card; "%24111…" is "$111…".
+    assert redactor.redact_text("/pay%2F4111111111111111") == "/pay%2F[REDACTED:credit_card]"
+    assert redactor.redact_text("x=%24111111111111111") == "x=%24111111111111111"
     # Pluses elsewhere stay: zone offsets, sums, phone numbers, a "+" run that holds no card.
     for kept in ("2026-12-01T10:00:00.123+05:30", "1764583200+0530", "sum 10+20+30+40=100",
                  "call +1 415 555 0100", "4111++1111+1111+1111", "order 1234+5678+9012+3456"):
@@ -535,7 +538,8 @@ def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) 
 
 _rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids().map(str),
                                  st.sampled_from([" ", "-", "+", "  ", "--", " -", "+-", " +", "++", "x", "é", "1",
-                                                  "\n", UUID_CARD, "%20", "%2", "%", "%20%20", "%20 ",
+                                                  "\n", UUID_CARD, "%20", "%2", "%", "%20%20", "%20 ", "%24",
+                                                  "%2F", "%a",
                                                   "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١"])),
                        max_size=8).map("".join)
 
@@ -579,8 +583,8 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
 
     uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
     if rule_name == "credit_card":
-        return re.sub(r"(?<!%)(?<!%2)\d(?:(?:[ +-]|%20)?\d){12,}", card, text), count
-    return re.sub(r"(?<!%)(?<!%2)(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
+        return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])\d(?:(?:[ +-]|%20)?\d){12,}", card, text), count
+    return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
