@@ -1238,8 +1238,10 @@ class Agent:
             if self._open is not None:
                 timeout = min(poll, max(0.0, self._open.opened + self.cfg.batch.max_wait - now))
             self._wake.clear()
+            # asyncio.timeout, not wait_for: no task a wait, fewer loop turns when idle.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _shutdown(self, shipper: Shipper, workers: list[asyncio.Task[Any]],
                         tasks: list[asyncio.Task[Any]]) -> None:
