@@ -1124,7 +1124,8 @@ class Agent:
             while not self._has_room() and not self._stop.is_set():
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.poll_interval)
+                    async with asyncio.timeout(self.cfg.poll_interval):
+                        await self._wake.wait()
 
     def _stdin_done(self) -> None:
         if all(s.path == "-" for s in self.cfg.sources):
@@ -1255,7 +1256,8 @@ class Agent:
         while self._unacked and time.monotonic() < deadline:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._wake.wait()
         if self._unacked:
             log.warning("%d batches not acknowledged at shutdown; they stay spooled and are re-sent on start",
                         self._unacked)

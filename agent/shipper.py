@@ -232,7 +232,8 @@ class Shipper:
 
     async def _sleep(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: no inner task to outlive a cancel
+                await self._stopping.wait()
         except TimeoutError:
             return
         raise Stopped

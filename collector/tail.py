@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -281,10 +282,9 @@ async def tail_logs(request: web.Request) -> web.StreamResponse:
                 last_beat = loop.time()
             sub.wakeup.clear()
             if not sub.rows and not sub.overflowed:
-                try:
-                    await asyncio.wait_for(sub.wakeup.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # not wait_for: see NotificationService._run
+                        await sub.wakeup.wait()
     finally:
         hub.detach(sub)
     return response

@@ -133,7 +133,8 @@ class _Queue:
             timeout = None if not self._heap else max(0.001, self._heap[0][0] - now)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see NotificationService._run
+                    await self._wake.wait()
 
 
 class EmailService:

@@ -535,8 +535,11 @@ class NotificationService:
                 else:
                     timeout = min(1.0, max(0.0, next_due - self.now().timestamp()))
                 if timeout > 0:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for's inner task can leave a
+                    # cancelled caller hanging (a stuck collector shutdown, seen in CI).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+                        async with asyncio.timeout(timeout):
+                            await self._wake.wait()
                 else:
                     await asyncio.sleep(0)
             except asyncio.CancelledError:
