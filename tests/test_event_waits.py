@@ -1,4 +1,4 @@
-"""No ``asyncio.wait_for(<event>.wait(), timeout)`` in our code.
+"""No ``asyncio.wait_for(<event>.wait(), timeout)`` (or a queue's ``get()``) in our code.
 
 On Python 3.11, a loop that waits so and is cancelled at the wrong moment
 can swallow the cancellation and go on forever: a collector's shutdown hung
@@ -17,7 +17,8 @@ import re
 
 from tests.helpers import ROOT
 
-_WAIT_FOR_EVENT = re.compile(r"wait_for\(\s*[\w.\[\]]+\.wait\(\)")
+# An event's wait() or a queue's get(): what loops wait on.
+_WAIT_FOR_EVENT = re.compile(r"wait_for\(\s*[\w.\[\]]+\.(?:wait|get)\(\)")
 
 
 def test_no_code_waits_for_an_event_through_wait_for() -> None:

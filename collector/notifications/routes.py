@@ -215,7 +215,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await response.write(b"retry: 3000\n" + _sse("unread_count", {"unread_count": unread}))
         while True:
             try:
-                event, data = await asyncio.wait_for(queue.get(), heartbeat)
+                async with asyncio.timeout(heartbeat):  # not wait_for: see NotificationService._run
+                    event, data = await queue.get()
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
                 continue
