@@ -791,11 +791,8 @@ class Redactor:
         it (a number's digits are text to the rules as they are in a line:
         ``4111111111111111`` is a card, ``1764583200000`` a timestamp)."""
         text = _json_encode(value).decode()
-        if len(text) < 9:  # shorter than anything a built-in rule finds in digits
-            return value if not self._custom_rules else self._redacted_or(value, text)
-        return self._redacted_or(value, text)
-
-    def _redacted_or(self, value: Any, text: str) -> Any:
+        if len(text) < 9 and not self._custom_rules:  # shorter than anything a built-in rule finds in digits
+            return value
         redacted = self.redact_text(text)
         return value if redacted == text else redacted
 
