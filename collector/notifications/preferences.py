@@ -94,7 +94,22 @@ class QuietHours(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"quiet_hours.timezone: {exc}") from None
 
     def end_of_quiet(self, now: dt.datetime) -> dt.datetime | None:
-        """If ``now`` falls inside the quiet hours, the UTC instant they end; else None."""
+        """If ``now`` falls inside the quiet hours, the UTC instant they end; else None.
+
+        When a DST jump swallows a day's whole window between quiet hours
+        (02:30–02:15 on a spring-forward night: both map to 03:00), the quiet
+        hours go on to the next window: the instant returned is never itself quiet."""
+        end = self._end_after(now)
+        for _ in range(3):  # at most one swallowed window a day, one jump a night
+            if end is None:
+                break
+            later = self._end_after(end)
+            if later is None:
+                return end
+            end = later
+        return end
+
+    def _end_after(self, now: dt.datetime) -> dt.datetime | None:
         tz = timezone(self.timezone)
         begin = parse_local_time(self.start, "start")
         finish = parse_local_time(self.end, "end")

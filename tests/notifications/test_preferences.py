@@ -230,5 +230,23 @@ def test_quiet_hours_end_is_later_outside_the_window_and_within_a_day(quiet: Qui
     end = quiet.end_of_quiet(when)
     if end is None:
         return
-    assert when < end <= when + dt.timedelta(hours=25)
+    assert when < end
     assert quiet.end_of_quiet(end) is None
+    # Within a day, unless a DST jump swallowed the window between two quiet
+    # periods (its start and end map to one instant): then the next day's.
+    tz = zoneinfo.ZoneInfo(quiet.timezone)
+    day = (end.astimezone(tz) - dt.timedelta(days=1)).date()
+    swallowed = local_instant(day, dt.time.fromisoformat(quiet.end), tz) >= \
+        local_instant(day, dt.time.fromisoformat(quiet.start), tz)
+    assert end <= when + dt.timedelta(hours=25) or swallowed
+
+
+def test_quiet_hours_whose_open_window_a_dst_jump_swallows_go_on_to_the_next_day() -> None:
+    # New York, 2027-03-14: 02:00 jumps to 03:00, so the 02:15-02:30 window
+    # between quiet hours 02:30-02:15 does not exist that day.
+    quiet = QuietHours(start="02:30", end="02:15", timezone="America/New_York")
+    evening = dt.datetime(2027, 3, 14, 0, 0, tzinfo=UTC)  # 19:00 EST on the 13th
+    assert quiet.end_of_quiet(evening) == dt.datetime(2027, 3, 15, 6, 15, tzinfo=UTC)  # 02:15 EDT on the 15th
+    # A normal night: the window is there.
+    assert quiet.end_of_quiet(dt.datetime(2027, 3, 21, 0, 0, tzinfo=UTC)) == dt.datetime(2027, 3, 21, 6, 15,
+                                                                                          tzinfo=UTC)
