@@ -34,8 +34,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# PYTEST_ARGS: more pytest options (.ci/run fixes hypothesis's seed there).
 pytest: install
-	$(BIN)/pytest -q -p no:cacheprovider -n auto
+	$(BIN)/pytest -q -p no:cacheprovider -n auto $(PYTEST_ARGS)
 
 ## Benchmarks: print figures (they are not timed tests). BENCH_ARGS=--quick for a short run.
 bench: install
