@@ -902,10 +902,10 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
         return [], 0, 0
     if data[-1:] != b"\n":
         data += b"\n"
-    offset = group.utc_offset
-    if group.format == "syslog" and (offset is None or not -_MAX_UTC_OFFSET <= offset <= _MAX_UTC_OFFSET):
+    utc_offset = group.utc_offset
+    if group.format == "syslog" and (utc_offset is None or not -_MAX_UTC_OFFSET <= utc_offset <= _MAX_UTC_OFFSET):
         raise ValueError(f"lines.utc_offset: syslog lines need the agent's UTC offset in seconds, "
-                         f"at most {_MAX_UTC_OFFSET} (18 h) either way; got {offset!r}")
+                         f"at most {_MAX_UTC_OFFSET} (18 h) either way; got {utc_offset!r}")
     pattern = group.pattern
     if group.format == "regex":
         if not pattern or len(pattern) > MAX_SHIPPED_PATTERN:
@@ -935,8 +935,8 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
     starts.pop()
     read_at = dt.datetime.fromtimestamp(group.read_at, dt.UTC) if 0 < group.read_at < 1e11 else None
     parser.fixed_now = read_at.isoformat(timespec="milliseconds").replace("+00:00", "Z") if read_at else None
-    if group.format == "syslog" and read_at is not None:
-        parser.fixed_local_now = read_at.astimezone(dt.timezone(dt.timedelta(seconds=group.utc_offset or 0)))
+    if utc_offset is not None and group.format == "syslog" and read_at is not None:
+        parser.fixed_local_now = read_at.astimezone(dt.timezone(dt.timedelta(seconds=utc_offset)))
     errors_before = parser.errors
     try:
         records = parser.parse_lines(lines, starts, group.file, data)
