@@ -223,6 +223,25 @@ async def test_zstd_level_is_configurable(tmp_path, stub, start_agent) -> None:
     assert running.agent._compress(b"x" * 100) == fast
 
 
+async def test_a_compressed_body_holds_only_its_own_bytes(tmp_path, stub, start_agent) -> None:
+    # python-zstandard allocates its result for the worst case (a little over
+    # the input) and only shortens its length: each body kept in flight or
+    # queued pinned ~5x its size, which bounded how large batches could be.
+    import tracemalloc
+
+    running = await start_agent(agent_config(tmp_path, stub.url, [src(tmp_path)]))
+    await eventually(lambda: running.agent._compress is not None)
+    data = b"".join(b'{"msg":"GET /api/items/%d completed","status":200}\n' % i for i in range(20_000))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        body = running.agent._compress(data)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(body) < len(data) // 5
+    assert held < len(body) + 64 * 1024, (held, len(body), len(data))
+
 async def test_a_reload_to_another_collector_url_ships_there(tmp_path, stub, start_agent) -> None:
     # Kept-alive connections lead to the old collector: none is used for the new URL.
     other = IngestStub().start()
