@@ -262,10 +262,12 @@ class BatchConfig(msgspec.Struct, forbid_unknown_fields=True):
     """A batch closes when the first of these is reached."""
 
     max_wait: Duration = Duration(0.1)
-    # Lines per batch (api.md's example says 1000): a batch costs the agent ~0.4 ms
-    # whatever its size, so under load batches are about max_bytes (~5000 lines of 200 B).
-    max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
-    max_bytes: ByteSize = ByteSize(1024 * 1024)
+    # Lines per batch (api.md's example says 1000): a batch costs the agent ~0.5 ms
+    # whatever its size, so under load batches are about max_bytes (~10,000 lines
+    # of 200 B). 2 MiB batches took 7% less CPU than 1 MiB ones on the bench (8 of
+    # 8 pairs) for ~9 MiB more peak RSS (45 -> 54 MiB).
+    max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    max_bytes: ByteSize = ByteSize(2 * 1024 * 1024)
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1024:

@@ -251,8 +251,8 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, metavar="OUT",
                         help="sample the agent with py-spy (if installed) into OUT, collapsed stacks")
     parser.add_argument("--log", type=Path, help="generate the log here once and reuse it in later runs")
-    parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 5000)")
-    parser.add_argument("--max-bytes", help="batch.max_bytes, e.g. 4MiB (default: the agent's, 1MiB)")
+    parser.add_argument("--max-records", type=int, help="batch.max_records (default: the agent's, 10000)")
+    parser.add_argument("--max-bytes", help="batch.max_bytes, e.g. 4MiB (default: the agent's, 2MiB)")
     parser.add_argument("--read-chunk", help="read_chunk, e.g. 1MiB (default: the agent's, 256KiB)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
     parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
