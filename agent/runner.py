@@ -365,6 +365,15 @@ def _split_items(items: Sequence[Item], lines: int) -> tuple[Sequence[Item], Seq
     return items, [], taken
 
 
+# How the collector rejects every line of a group whose settings it refuses
+# (agent.parsers.parse_shipped_lines, collector.ingest.add_shipped_lines).
+_GROUP_ERRORS = ("lines.", "lines:")
+
+
+def _is_group_error(item: dict[str, Any]) -> bool:
+    return str(item.get("error", "")).startswith(_GROUP_ERRORS)
+
+
 def _is_uuid(text: str) -> bool:
     try:
         uuid.UUID(text)
@@ -961,6 +970,7 @@ class Agent:
                 self._queued.clear()
                 await self._queued.wait()
             pending = self._queue.popleft()
+            lost = 0  # records sent again in another batch that did not make it
             body = pending.body
             if body is None:
                 body = self.spool.read_body(pending.seq).body
@@ -972,10 +982,13 @@ class Agent:
                     # A collector that does not parse shipped lines (an older
                     # one behind the same address): send them again as records.
                     body, delivery = await self._resend_as_records(shipper, pending, body, answer)
+                elif pending.lines and answer is not None and answer.rejected \
+                        and any(_is_group_error(item) for item in answer.rejected):
+                    lost = await self._resend_refused_groups(shipper, pending, body, answer)
             except Stopped:
                 self._queue.appendleft(pending)
                 return
-            self._delivered(pending, body, delivery)
+            self._delivered(pending, body, delivery, lost)
             pending.body = None
 
     async def _resend_as_records(self, shipper: Shipper, pending: PendingBatch, body: bytes,
@@ -1000,6 +1013,66 @@ class Agent:
             answer.rejected = []
         return again, await shipper.deliver(again, pending.content_encoding)
 
+    async def _resend_refused_groups(self, shipper: Shipper, pending: PendingBatch, body: bytes,
+                                     answer: IngestResponse) -> int:
+        """Lines of a group the collector refused whole (its settings, such as
+        a regex pattern its RE2 does not take: every line rejected with the same
+        ``lines…`` reason) are parsed here and sent again as records, in a batch
+        whose id derives from this one's, and their source ships records from
+        now on. Lines this agent cannot parse either stay rejected, to be
+        dead-lettered with the collector's reason. ``answer.rejected`` keeps only
+        what is still rejected; returns how many of the lines sent again were
+        not stored (dead-lettered from the second batch)."""
+        decoded = decode_msgpack_batch(self._decompress(body, pending.content_encoding))
+        reasons = {item.get("index"): str(item.get("error", "")) for item in answer.rejected}
+        index = decoded.lines_index
+        records: list[Record] = []
+        taken: set[int] = set()
+        for group in decoded.lines:
+            count = group.data.count(b"\n") + (1 if group.data[-1:] not in (b"\n", b"") else 0)
+            reason = reasons.get(index)
+            if count and reason is not None and reason.startswith(_GROUP_ERRORS) \
+                    and all(reasons.get(i) == reason for i in range(index, index + count)):
+                try:
+                    numbered = parse_shipped_lines(group, decoded.host)[0]
+                except ValueError:
+                    numbered = None  # this agent refuses them too: they stay rejected
+                if numbered is not None:
+                    records.extend(self.redactor.redact_record(record) for _, record in numbered)
+                    taken.update(range(index, index + count))
+                    self._ship_records(group, reason)
+            index += count
+        if not taken:
+            return 0
+        answer.rejected = [item for item in answer.rejected if item.get("index") not in taken]
+        batch_id = str(uuid.uuid5(uuid.UUID(pending.batch_id), "refused-lines")) if _is_uuid(pending.batch_id) \
+            else pending.batch_id + "-refused-lines"
+        again = self._compress(encode_batch(Batch(decoded.agent_id, batch_id, decoded.host, records,
+                                                  redacted_with=self.redactor.fingerprint)))
+        delivery = await shipper.deliver(again, pending.content_encoding)
+        if not delivery.stored:
+            self.metrics.batches_dead_lettered += 1
+            self.metrics.records_rejected += len(records)
+            log.error("batch %s (lines refused by the collector, as records) dead-lettered: %s",
+                      batch_id, delivery.reason)
+            self._dead_letter(pending, again, delivery.reason, None, batch_id=batch_id)
+            return len(records)
+        refused = delivery.response.rejected if delivery.response is not None else []
+        if refused:
+            self.metrics.records_rejected += len(refused)
+            self._dead_letter(pending, again, f"HTTP {delivery.status}: rejected", refused, batch_id=batch_id)
+        return len(refused)
+
+    def _ship_records(self, group: Lines, reason: str) -> None:
+        """The pipelines whose lines ``group`` holds ship records from now on
+        (until the configuration is loaded again)."""
+        for p in self.pipelines:
+            if p.ship_lines and p.cfg.source == group.source and p.cfg.format == group.format \
+                    and (group.pattern is None or p.cfg.pattern == group.pattern):
+                log.error("the collector refused the lines of source %s (%s): parsing them here and "
+                          "sending records from now on", group.source, reason[:300])
+                p.ship_lines = p.can_ship_lines = False
+
     def _collector_lines(self, able: bool, features: Sequence[str] | None = None) -> None:
         """The collector can (or cannot) parse lines shipped as read, of the
         formats its ``features`` name (None: those it named before)."""
@@ -1009,7 +1082,7 @@ class Agent:
             p.ship_lines = able and p.can_ship_lines and lines_feature(p.cfg.format) in self._lines_features
         self._lines_known = able
 
-    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery) -> None:
+    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, lost: int = 0) -> None:
         self._answered = True
         if delivery.stored:
             answer = delivery.response
@@ -1019,7 +1092,7 @@ class Agent:
             rejected = answer.rejected if answer is not None else []
             if answer is not None and answer.duplicate:
                 self.metrics.batches_duplicate += 1
-            self.metrics.records_shipped += pending.records - len(rejected)
+            self.metrics.records_shipped += pending.records - len(rejected) - lost
             if rejected:
                 self.metrics.records_rejected += len(rejected)
                 self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
@@ -1030,9 +1103,12 @@ class Agent:
         self._acknowledge(pending)
 
     def _dead_letter(self, pending: PendingBatch, body: bytes, reason: str,
-                     rejected: list[dict[str, Any]] | None) -> None:
+                     rejected: list[dict[str, Any]] | None, batch_id: str | None = None) -> None:
         """Append the batch's records (or only the rejected ones) to
-        ``state_dir/dead-letter.ndjson``, each with the collector's reason."""
+        ``state_dir/dead-letter.ndjson``, each with the collector's reason.
+        ``body`` is ``pending``'s, or (with ``batch_id``) one sent in its stead."""
+        if batch_id is None:
+            batch_id = pending.batch_id
         try:
             raw = self._decompress(body, pending.content_encoding)
             decoded = decode_msgpack_batch(raw)
@@ -1042,7 +1118,7 @@ class Agent:
                 by_line: dict[int, Record] = dict(numbered)
                 records.extend(by_line.get(i) or Record("", "", group.source, "") for i in range(count))
         except Exception as exc:  # the body is ours; still keep what we can
-            log.error("cannot decode dead-lettered batch %s: %s", pending.batch_id, exc)
+            log.error("cannot decode dead-lettered batch %s: %s", batch_id, exc)
             records = []
         reasons: dict[int, str] = {}
         if rejected is not None:
@@ -1056,10 +1132,10 @@ class Agent:
         for index, record in enumerate(records):
             if rejected is not None and index not in reasons:
                 continue
-            lines.append(encoder.encode({"time": now, "batch_id": pending.batch_id, "index": index,
+            lines.append(encoder.encode({"time": now, "batch_id": batch_id, "index": index,
                                          "reason": reasons.get(index, reason), "record": record}))
         if not records:
-            lines.append(encoder.encode({"time": now, "batch_id": pending.batch_id, "reason": reason,
+            lines.append(encoder.encode({"time": now, "batch_id": batch_id, "reason": reason,
                                          "body_hex": body[:65536].hex()}))
         cap = self.cfg.dead_letter
         DeadLetterFile(self.state_dir / "dead-letter.ndjson", cap.max_bytes, cap.keep).append(

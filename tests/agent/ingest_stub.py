@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
-from agent.wire import Record, decode_msgpack_batch, lines_feature
+from agent.wire import Lines, Record, decode_msgpack_batch, lines_feature
 
 
 class IngestStub:
@@ -32,6 +32,9 @@ class IngestStub:
         # Called per request; return None to store, or (status, headers, body) to answer instead.
         self.responder: Callable[[int], tuple[int, dict[str, str], bytes] | None] | None = None
         self.reject: Callable[[Record], str | None] | None = None
+        # A group of lines shipped as read refused whole, as the collector does
+        # when it refuses the group's settings: every line rejected with the reason.
+        self.refuse_group: Callable[[Lines], str | None] | None = None
         self.delay = 0.0
         self.encodings: list[str] = []
         # As the real collector: parse lines shipped as read and say so. False
@@ -77,6 +80,13 @@ class IngestStub:
         if batch.lines and self.lines_feature:
             index = batch.lines_index
             for group in batch.lines:
+                refused = self.refuse_group(group) if self.refuse_group else None
+                if refused:
+                    count = group.data.count(b"\n")
+                    batch.errors.extend((index + i, refused) for i in range(count))
+                    index += count
+                    lines += count
+                    continue
                 numbered, count, _ = parse_shipped_lines(group, batch.host)
                 batch.records.extend((index + i, record) for i, record in numbered)
                 index += count

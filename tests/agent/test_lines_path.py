@@ -478,3 +478,63 @@ def test_a_card_logged_as_a_json_number_is_redacted_on_both_paths() -> None:
         stored = sorted(expand(items) if ship_lines else items, key=lambda r: r.offset)  # type: ignore[union-attr]
         assert [r.context for r in stored] == [  # type: ignore[union-attr]
             {"pan": "[REDACTED:credit_card]", "qty": 2}, {"at": 1764583200000}]
+
+
+async def test_lines_whose_group_the_collector_refuses_are_sent_again_as_records(
+        tmp_path, stub, start_agent, caplog) -> None:
+    # A collector whose RE2 refuses a pattern this agent takes (another
+    # version) rejects every line of the group with the same reason: the agent
+    # parses them itself and ships records, now and for later lines of that
+    # source, instead of dead-lettering the source's logs.
+    (tmp_path / "logs").mkdir()
+    regex_log, json_log = tmp_path / "logs" / "r.log", tmp_path / "logs" / "j.log"
+    sources = [{"path": str(regex_log), "source": "rx", "format": "regex",
+                "pattern": r"(?P<level>[A-Z]+) (?P<message>.*)"},
+               _json_source(tmp_path) | {"path": str(json_log)}]
+    reason = "lines.pattern is not a valid RE2 regular expression: refused by test"
+    stub.refuse_group = lambda group: reason if group.format == "regex" else None
+    write_lines(json_log, _lines(0, 5))
+    running = await start_agent(agent_config(tmp_path, stub.url, sources))
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
+    assert all(p.ship_lines for p in running.agent.pipelines)
+    with caplog.at_level(logging.ERROR, logger="logferry.agent"):
+        write_lines(regex_log, [f"WARN rx {i:03d}" for i in range(40)])
+        await eventually(lambda: len(stub.messages()) == 45, what="the refused lines, sent again")
+    assert stub.lines_posts >= 1, "the regex lines went as read first"
+    posts = stub.lines_posts
+    write_lines(regex_log, [f"ERROR rx {i:03d}" for i in range(40, 60)])
+    await eventually(lambda: len(stub.messages()) == 65, what="later regex lines")
+    assert stub.lines_posts == posts, "later regex lines went as records"
+    write_lines(json_log, _lines(5, 40))
+    await eventually(lambda: len(stub.messages()) == 100, what="later JSON lines")
+    assert stub.lines_posts > posts, "the JSON source still ships lines as read"
+    regex = sorted((r.level, r.message) for r in stub.records if r.source == "rx")
+    assert regex == sorted([("WARN", f"rx {i:03d}") for i in range(40)]
+                           + [("ERROR", f"rx {i:03d}") for i in range(40, 60)])
+    assert sorted(r.message for r in stub.records if r.source == "app") == _expected(0, 40)
+    assert {(p.cfg.source, p.ship_lines) for p in running.agent.pipelines} == {("rx", False), ("app", True)}
+    assert not (tmp_path / "state" / "dead-letter.ndjson").exists()
+    assert any("refused the lines of source rx" in r.getMessage() and "refused by test" in r.getMessage()
+               for r in caplog.records)
+    metrics = running.agent.metrics
+    assert metrics.records_shipped == 100 and metrics.records_rejected == 0
+
+
+async def test_a_lines_reason_for_some_lines_of_a_group_is_theirs_alone(tmp_path, stub, start_agent) -> None:
+    # Only a reason given to every line of a group refuses the group: one
+    # line's rejection is dead-lettered, and the rest is not sent twice.
+    (tmp_path / "logs").mkdir()
+    json_log = tmp_path / "logs" / "j.log"
+    write_lines(json_log, _lines(0, 5))
+    running = await start_agent(agent_config(tmp_path, stub.url, [_json_source(tmp_path)]))
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
+    stub.reject = lambda r: "lines.x: refused by test" if r.message == "line 0007" else None
+    write_lines(json_log, _lines(5, 12))
+    await eventually(lambda: len(stub.messages()) == 11)
+    dead = tmp_path / "state" / "dead-letter.ndjson"
+    await eventually(dead.exists, what="the dead-letter file")
+    entries = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0007", "lines.x: refused by test")]
+    assert sorted(stub.messages()) == [m for m in _expected(0, 12) if m != "line 0007"]
+    assert stub.lines_posts >= 1 and all(p.ship_lines for p in running.agent.pipelines)
+    assert running.agent.metrics.records_rejected == 1
