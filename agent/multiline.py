@@ -10,6 +10,7 @@ after ``timeout`` without new lines. The caller must not checkpoint past
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import re2
@@ -29,12 +30,20 @@ DEFAULT_START = r"^(?:\d{4}-\d{2}-\d{2}|\[|\{|[A-Z][a-z]{2} [ \d]\d )"
 Entry = tuple[str, list[str], int, int]
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> Any:
+    # Bounded: a collector compiles the patterns agents send with their lines.
+    options = re2.Options()
+    options.log_errors = False
+    return re2.compile(pattern, options)
+
+
 class MultilineJoiner:
     def __init__(self, cfg: MultilineConfig) -> None:
         self.cfg = cfg
         self.start_mode = cfg.mode == "start"
         pattern = cfg.pattern or (DEFAULT_START if self.start_mode else TRACEBACK_CONTINUATION)
-        self._regex: Any = re2.compile(pattern)
+        self._regex: Any = _compiled(pattern)
         self._first: str | None = None
         self._rest: list[str] = []
         self._start = 0

@@ -33,8 +33,9 @@ from typing import Any, Literal
 import msgspec
 import re2
 
-from agent.config import SourceConfig
-from agent.wire import Level, Lines, parse_level, parse_timestamp
+from agent.config import MultilineConfig, SourceConfig
+from agent.multiline import MultilineJoiner
+from agent.wire import Level, Lines, LinesMultiline, parse_level, parse_timestamp
 from agent.wire import Record as Record
 
 _UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
@@ -410,6 +411,10 @@ class LineParser:
     def regex_groups(self) -> list[str]:
         """The names of a regex source's groups (none for other formats)."""
         return [name for name, _ in self._regex_groups]
+
+    def field_keys(self, field: str) -> tuple[str, ...]:
+        """The keys whose parsed value goes to record field ``field``."""
+        return tuple(self._aliases.get(field, ()))
 
     def is_record_field(self, key: str) -> bool:
         """Whether a parsed value under ``key`` goes to a record field (not to ``context``)."""
@@ -882,7 +887,8 @@ _MAX_UTC_OFFSET = 18 * 3600  # the widest zone offsets ISO 8601 / RFC 3339 allow
 JOINED_FORMATS = frozenset({"combined", "nginx", "apache"})  # parse_combined's names
 BACKSLASH_FORMATS = frozenset({"syslog"})
 SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "syslog", "regex", *JOINED_FORMATS})
-MAX_SHIPPED_PATTERN = 4096  # characters of a regex source's pattern in Lines
+MAX_SHIPPED_PATTERN = 4096  # characters of a regex source's pattern in Lines (and of a multiline pattern)
+MAX_SHIPPED_MULTILINE_LINES = 100_000  # Lines.multiline.max_lines
 _MAX_REGEX_PARSERS = 32  # cached parsers of shipped regex lines (each an RE2 program and its DFA memory)
 
 
@@ -913,6 +919,7 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
                              f"{MAX_SHIPPED_PATTERN} characters")
     elif pattern is not None:
         raise ValueError("lines.pattern: only regex lines carry a pattern")
+    joiner = _shipped_joiner(group.multiline) if group.multiline is not None else None
     key = (group.source, group.format, tuple(sorted((group.fields or {}).items())), tuple(group.tags or ()),
            host, pattern)
     parser = _SHIPPED_PARSERS.get(key)
@@ -939,6 +946,9 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
         parser.fixed_local_now = read_at.astimezone(dt.timezone(dt.timedelta(seconds=utc_offset)))
     errors_before = parser.errors
     try:
+        if joiner is not None:
+            return _parse_shipped_entries(parser, joiner, group, lines, starts), len(lines), \
+                parser.errors - errors_before
         records = parser.parse_lines(lines, starts, group.file, data)
     finally:
         parser.fixed_now = None
@@ -950,3 +960,38 @@ def parse_shipped_lines(group: Lines, host: str) -> tuple[list[tuple[int, Record
     if group.offset is None:
         numbered = [(i, msgspec.structs.replace(r, offset=None)) for i, r in numbered]
     return numbered, len(lines), parser.errors - errors_before
+
+
+def _shipped_joiner(settings: LinesMultiline) -> MultilineJoiner:
+    """A fresh joiner for a group's ``multiline`` settings; ``ValueError``
+    naming the field when they are invalid."""
+    if settings.mode not in ("start", "continuation"):
+        raise ValueError(f"lines.multiline.mode: must be start or continuation, not {settings.mode[:50]!r}")
+    if not 1 <= settings.max_lines <= MAX_SHIPPED_MULTILINE_LINES:
+        raise ValueError(f"lines.multiline.max_lines: must be 1 to {MAX_SHIPPED_MULTILINE_LINES}")
+    if settings.pattern is not None and not 1 <= len(settings.pattern) <= MAX_SHIPPED_PATTERN:
+        raise ValueError(f"lines.multiline.pattern: must be 1 to {MAX_SHIPPED_PATTERN} characters")
+    try:
+        return MultilineJoiner(MultilineConfig(settings.mode, settings.pattern,  # type: ignore[arg-type]
+                                               settings.max_lines))
+    except ValueError as exc:  # the pattern (MultilineConfig checks it with RE2)
+        raise ValueError(f"lines.multiline.{exc}") from None
+
+
+def _parse_shipped_entries(parser: LineParser, joiner: MultilineJoiner, group: Lines, lines: list[bytes],
+                           starts: list[int]) -> list[tuple[int, Record]]:
+    """The records of a multiline group: its lines joined by a fresh joiner,
+    as the agent's joined them (the group starts where an entry does and
+    holds whole entries), each numbered by its first line."""
+    decode = parser.decode
+    entries = []
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        entries.extend(joiner.feed(decode(line), starts[i], starts[i + 1] if i < last else -1, 0.0))
+    entries.extend(joiner.flush())
+    file = group.file
+    numbered = [(bisect_left(starts, start), parser.parse_entry(first, rest, start, file))
+                for first, rest, start, _ in entries]
+    if group.offset is None:
+        numbered = [(i, msgspec.structs.replace(r, offset=None)) for i, r in numbered]
+    return numbered

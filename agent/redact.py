@@ -620,6 +620,10 @@ class Redactor:
             others += parts[len(self._rules):]
             self._others_scan = _Scanner(_compile("|".join(others).encode() if others else b"$^"))
 
+    @property
+    def has_custom_rules(self) -> bool:
+        return self._custom_rules
+
     @classmethod
     def from_config(cls, cfg: RedactConfig) -> Redactor:
         return cls(cfg)

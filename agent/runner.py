@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
 from itertools import accumulate
@@ -49,7 +49,7 @@ from typing import Any
 import msgspec
 
 from agent.checkpoint import CheckpointFile, CheckpointStore
-from agent.config import AgentConfig, SourceConfig
+from agent.config import AgentConfig, MultilineConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
@@ -65,19 +65,31 @@ from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
 from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
-from agent.wire import Batch, Lines, Record, decode_msgpack_batch, encode_batch, encode_batch_into, lines_feature
+from agent.wire import (
+    MULTILINE_FEATURE,
+    Batch,
+    Lines,
+    LinesMultiline,
+    Record,
+    decode_msgpack_batch,
+    encode_batch,
+    encode_batch_into,
+    lines_feature,
+)
 
 log = logging.getLogger("logferry.agent")
 
 
 class RawRun:
     """Consecutive lines of one file, shipped as read (:class:`agent.wire.Lines`):
-    ``data[lo:hi]``, ``count`` lines starting at file offset ``offset``."""
+    ``data[lo:hi]``, ``count`` lines starting at file offset ``offset``.
+    ``entries`` (multiline sources): the line numbers in the run where its
+    entries start, the first 0; such a run splits only where an entry starts."""
 
-    __slots__ = ("count", "data", "file", "hi", "lo", "offset", "pipeline", "read_at")
+    __slots__ = ("count", "data", "entries", "file", "hi", "lo", "offset", "pipeline", "read_at")
 
     def __init__(self, pipeline: SourcePipeline, data: bytes, lo: int, hi: int, offset: int, count: int,
-                 file: str, read_at: float) -> None:
+                 file: str, read_at: float, entries: list[int] | None = None) -> None:
         self.pipeline = pipeline
         self.data = data
         self.lo = lo
@@ -86,6 +98,7 @@ class RawRun:
         self.count = count
         self.file = file
         self.read_at = read_at
+        self.entries = entries
 
     def split(self, lines: int) -> tuple[RawRun, RawRun]:
         """The first ``lines`` lines (0 < lines < count) and the rest."""
@@ -103,10 +116,24 @@ class RawRun:
             near = data.rfind(b"\n", lo, pos - 1)
             pos = near + 1 if near >= 0 else lo
             before -= 1
-        head = RawRun(self.pipeline, self.data, self.lo, pos, self.offset, lines, self.file, self.read_at)
+        entries = self.entries
+        head = RawRun(self.pipeline, self.data, self.lo, pos, self.offset, lines, self.file, self.read_at,
+                      None if entries is None else [e for e in entries if e < lines])
         tail = RawRun(self.pipeline, self.data, pos, self.hi, self.offset + pos - self.lo, self.count - lines,
-                      self.file, self.read_at)
+                      self.file, self.read_at, None if entries is None else [e - lines for e in entries if e >= lines])
         return head, tail
+
+    def entry_split(self, lines: int, at_least_one: bool) -> int:
+        """Where a multiline run may split to hold at most ``lines`` lines: the
+        last entry start within them, else 0, or (``at_least_one``) the end
+        of the first entry, which is ``count`` when it is the only one."""
+        entries = self.entries or [0]
+        index = bisect_right(entries, lines) - 1
+        if index > 0:
+            return entries[index]
+        if not at_least_one:
+            return 0
+        return entries[1] if len(entries) > 1 else self.count
 
 
 Item = Record | RawRun
@@ -124,10 +151,13 @@ class SourcePipeline:
         self.redactor = redactor
         self.metrics = metrics
         # Whether this source's lines can go as read: JSON in UTF-8, one line a record.
-        self.can_ship_lines = (cfg.format in SHIPPED_FORMATS and cfg.multiline is None
+        self.can_ship_lines = (cfg.format in SHIPPED_FORMATS
+                               and (cfg.multiline is None or self._multiline_shippable(cfg.multiline))
                                and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
                                and len(cfg.pattern or "") <= MAX_SHIPPED_PATTERN and not self._sensitive_groups())
         self.ship_lines = False
+        self.shipped_multiline = None if cfg.multiline is None else LinesMultiline(
+            cfg.multiline.mode, cfg.multiline.pattern, cfg.multiline.max_lines)
         # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
         self.quoted_json = cfg.format in ("json", "logfmt")
         # Whether a backslash in a line makes it a hit: syslog's structured data
@@ -142,6 +172,18 @@ class SourcePipeline:
         tell (fields renamed to record fields are not context keys)."""
         return [name for name in self.parser.regex_groups()
                 if not self.parser.is_record_field(name) and self.redactor.is_sensitive_key(name)]
+
+    def _multiline_shippable(self, multiline: MultilineConfig) -> bool:
+        """Whether a multiline source's entries can go as read: the text of
+        their records is then the lines' own (the first line's fields, and
+        the rest joined by newlines as error_stack), so the raw lines'
+        prefilter speaks for it. Not so when the first line can fill
+        error_stack too (a regex group), which the rest is appended to."""
+        if self.cfg.format == "plain":
+            return True
+        if self.cfg.format == "regex":
+            return not set(self.parser.regex_groups()) & set(self.parser.field_keys("error_stack"))
+        return False
 
     def joiner_for(self, tracked: Any) -> MultilineJoiner | None:
         if self.cfg.multiline is None:
@@ -158,7 +200,13 @@ class SourcePipeline:
         ``chunk.end`` while a multiline entry is pending)."""
         if self.ship_lines and file is not None and not chunk.truncated and chunk.end > chunk.base \
                 and chunk.data[chunk.end - chunk.base - 1] == 0x0A:  # not a last line without its newline
-            return self._runs(chunk, file)
+            if self.shipped_multiline is None:
+                return self._runs(chunk, file)
+            if not self.redactor.has_custom_rules or chunk.data.find(b"\r", 0, chunk.end - chunk.base) < 0:
+                # A carriage return is cut from a line's end, so the joined
+                # text is not the raw lines' ("a\r\n b" is "a\n b"): what a
+                # custom rule finds across it the raw lines' prefilter cannot.
+                return self._multiline_runs(tracked, chunk, file, now)
         self.metrics.lines_read += len(chunk.lines)
         self.metrics.bytes_read += chunk.end - chunk.base
         self.metrics.lines_truncated += chunk.truncated
@@ -247,6 +295,68 @@ class SourcePipeline:
             count -= missing
             items = [item for item in items if item is not None]
         return items, count, chunk.end  # type: ignore[return-value]
+
+    def _multiline_runs(self, tracked: Any, chunk: Chunk, file: str, now: float) -> tuple[list[Item], int, int]:
+        """A multiline source's chunk: its lines joined by the file's joiner,
+        the entries complete in the chunk with no prefilter hit in any of
+        their lines as runs of lines shipped as read (each run starting where
+        an entry does; the collector joins them again alike), the others
+        (hits, and entries begun in an earlier chunk) parsed and redacted here."""
+        joiner = self.joiner_for(tracked)
+        assert joiner is not None
+        body = chunk.data
+        size = chunk.end - chunk.base
+        base = chunk.base
+        lines = chunk.lines
+        starts = chunk.starts
+        self.metrics.bytes_read += size
+        self.metrics.lines_read += len(lines)
+        read_at = time.time()
+        redactor = self.redactor
+        rfind = body.rfind
+        hit_lines = sorted({base + rfind(b"\n", 0, pos) + 1 for pos in redactor.hit_positions(body, size)}) \
+            if redactor.active else []
+        decode = self.parser.decode
+        parse_entry = self.parser.parse_entry
+        redact = redactor.redact_record
+        errors_before = self.parser.errors
+        items: list[Item] = []
+        count = 0
+        run_first = -1  # line number (in the chunk) where the open run starts
+        run_end = 0  # its end (file offset)
+        entries: list[int] = []
+        last = len(lines) - 1
+
+        def close_run() -> None:
+            nonlocal count, run_first
+            if run_first < 0:
+                return
+            stop = bisect_left(starts, run_end)  # the line after the run
+            n = stop - run_first
+            items.append(RawRun(self, body, starts[run_first] - base, run_end - base, starts[run_first], n, file,
+                                read_at, entries.copy()))
+            count += n
+            run_first = -1
+            entries.clear()
+
+        for i, line in enumerate(lines):
+            for first, rest, start, end in joiner.feed(decode(line), starts[i], starts[i + 1] if i < last
+                                                       else chunk.end, now):
+                hit = bisect_left(hit_lines, start)
+                if start < base or (hit < len(hit_lines) and hit_lines[hit] < end):
+                    close_run()
+                    items.append(redact(parse_entry(first, rest, start, file)))
+                    count += 1
+                    continue
+                at = bisect_left(starts, start)
+                if run_first < 0:
+                    run_first = at
+                entries.append(at - run_first)
+                run_end = end
+        close_run()
+        self.metrics.parse_errors += self.parser.errors - errors_before
+        pending = joiner.pending_start
+        return items, count, chunk.end if pending is None else pending
 
     def _redact_hits(self, records: list[Record], chunk: Chunk, body: bytes) -> list[Record]:
         redactor = self.redactor
@@ -357,6 +467,16 @@ def _split_items(items: Sequence[Item], lines: int) -> tuple[Sequence[Item], Seq
     for i, item in enumerate(items):
         n = item.count if type(item) is RawRun else 1
         if taken + n > lines:
+            if type(item) is RawRun and item.entries is not None:
+                # A multiline run splits where an entry starts; a batch that
+                # holds nothing yet takes a whole entry, however long.
+                at = item.entry_split(lines - taken, at_least_one=not taken and not i)
+                if at == item.count:
+                    return [*items[:i], item], items[i + 1:], taken + at
+                if at:
+                    head, tail = item.split(at)
+                    return [*items[:i], head], [tail, *items[i + 1:]], taken + at
+                return items[:i], items[i:], taken
             if type(item) is RawRun and lines > taken:
                 head, tail = item.split(lines - taken)
                 return [*items[:i], head], [tail, *items[i + 1:]], lines
@@ -397,13 +517,14 @@ def _wire_items(items: list[Item]) -> tuple[list[Record], list[Lines]]:
         data: Any = run.data if whole else memoryview(run.data)[run.lo:hi]
         offset = time.localtime(run.read_at).tm_gmtoff if p.cfg.format == "syslog" else None
         lines.append(Lines(p.cfg.source, data, run.read_at, p.cfg.format, run.file, run.offset, p.tags, p.fields,
-                           offset, p.cfg.pattern))
+                           offset, p.cfg.pattern, p.shipped_multiline if run.entries is not None else None))
 
     for item in items:
         if type(item) is not RawRun:
             records.append(item)  # type: ignore[arg-type]
             continue
-        if last is not None and item.data is last.data and item.lo == hi and item.pipeline is last.pipeline:
+        if last is not None and item.data is last.data and item.lo == hi and item.pipeline is last.pipeline \
+                and (item.entries is None) == (last.entries is None):
             hi = item.hi
             continue
         if last is not None:
@@ -782,6 +903,11 @@ class Agent:
             batch.items.extend(head)
             batch.count += taken
             batch.raw_bytes += int(per_record * taken)
+            if not items:  # a multiline run's one entry, longer than the room left, went whole
+                if file_id is not None and end is not None:
+                    batch.ranges[file_id] = end
+                self._close_batch()
+                return
             next_start = items[0].offset
             if file_id is not None and next_start is not None:
                 batch.ranges[file_id] = next_start
@@ -1079,7 +1205,8 @@ class Agent:
         if features is not None:
             self._lines_features = frozenset(features)
         for p in self.pipelines:
-            p.ship_lines = able and p.can_ship_lines and lines_feature(p.cfg.format) in self._lines_features
+            p.ship_lines = able and p.can_ship_lines and lines_feature(p.cfg.format) in self._lines_features \
+                and (p.shipped_multiline is None or MULTILINE_FEATURE in self._lines_features)
         self._lines_known = able
 
     def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, lost: int = 0) -> None:

@@ -103,6 +103,19 @@ class Record(msgspec.Struct, omit_defaults=True):
     host: str | None = None
 
 
+class LinesMultiline(msgspec.Struct, omit_defaults=True):
+    """How the lines of a :class:`Lines` group join into entries
+    (:class:`agent.config.MultilineConfig` without the agent's flush timeout)."""
+
+    mode: str
+    pattern: str | None = None
+    max_lines: int = 500
+
+
+# A collector that joins multiline groups (Lines.multiline) names this feature.
+MULTILINE_FEATURE = "lines:multiline"
+
+
 class Lines(msgspec.Struct, omit_defaults=True):
     """Lines of one file shipped as they were read, for the collector to parse
     with the agent's parser settings (an extension of api.md's batch).
@@ -119,6 +132,9 @@ class Lines(msgspec.Struct, omit_defaults=True):
     offset in seconds when it read the lines, which RFC 3164 timestamps
     (local time without year or zone) are read in. ``pattern`` (regex only,
     where it is required): the source's pattern, named groups and all.
+    ``multiline``: the lines join into entries as the agent's joiner joins
+    them (the group holds whole entries, the first starting at ``offset``);
+    each entry is a record numbered by its first line.
     """
 
     source: str
@@ -131,6 +147,7 @@ class Lines(msgspec.Struct, omit_defaults=True):
     fields: dict[str, str] | None = None
     utc_offset: int | None = None
     pattern: str | None = None
+    multiline: LinesMultiline | None = None
 
 
 class Batch(msgspec.Struct, omit_defaults=True):

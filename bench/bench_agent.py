@@ -255,6 +255,8 @@ def main() -> int:
     parser.add_argument("--max-bytes", help="batch.max_bytes, e.g. 4MiB (default: the agent's, 2MiB)")
     parser.add_argument("--read-chunk", help="read_chunk, e.g. 1MiB (default: the agent's, 256KiB)")
     parser.add_argument("--zstd-level", type=int, help="collector.zstd_level (default: the agent's, 1)")
+    parser.add_argument("--compression", choices=["zstd", "gzip", "none"],
+                        help="collector.compression (default: the agent's)")
     parser.add_argument("--no-spool-sync", action="store_true", help="spool.sync: false (no fdatasync per group)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run N times (the log generated once) and print the median, min and max: a small "
@@ -315,7 +317,8 @@ def main() -> int:
     config = work / "agent.yaml"
     config.write_text(json.dumps({"agent": {
         "collector": {"url": url, "token": token,
-                      **({"zstd_level": args.zstd_level} if args.zstd_level is not None else {})},
+                      **({"zstd_level": args.zstd_level} if args.zstd_level is not None else {}),
+                      **({"compression": args.compression} if args.compression else {})},
         "state_dir": str(work / "state"),
         "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": args.format,
                      **({"pattern": PLAIN_PATTERN} if args.format == "regex" else {})}],

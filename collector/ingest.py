@@ -39,6 +39,7 @@ from aiohttp import web
 from agent.parsers import JOINED_FORMATS, SHIPPED_FORMATS, parse_shipped_lines
 from agent.redact import Redactor
 from agent.wire import (
+    MULTILINE_FEATURE,
     DecodedBatch,
     Level,
     Record,
@@ -408,7 +409,7 @@ SUPPORTED_ENCODINGS = ("", "identity", "zstd", "gzip", "x-gzip", "deflate")
 
 # Told to agents in every ingest answer (see agent.wire.LINES_FEATURE):
 # the formats whose lines this collector parses when shipped as read.
-FEATURES = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS)
+FEATURES = sorted([*(lines_feature(fmt) for fmt in SHIPPED_FORMATS), MULTILINE_FEATURE])
 
 
 class UnsupportedMedia(Exception):

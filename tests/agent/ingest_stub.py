@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
-from agent.wire import Lines, Record, decode_msgpack_batch, lines_feature
+from agent.wire import MULTILINE_FEATURE, Lines, Record, decode_msgpack_batch, lines_feature
 
 
 class IngestStub:
@@ -73,7 +73,8 @@ class IngestStub:
         self.encodings.append(request.headers.get("Content-Encoding", "identity"))
         batch = decode_msgpack_batch(body)
         self.redacted_with.append(batch.redacted_with)
-        features = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS) if self.lines_feature else []
+        features = sorted([*(lines_feature(fmt) for fmt in SHIPPED_FORMATS), MULTILINE_FEATURE]) \
+            if self.lines_feature else []
         lines = 0
         if batch.lines:
             self.lines_posts += 1

@@ -281,3 +281,43 @@ def lines_parsed_by(collector: Any) -> float:
         metrics = answer.read().decode()
     return sum(float(line.split()[-1]) for line in metrics.splitlines()
                if line.startswith("logferry_ingest_lines_total"))
+
+
+def test_multiline_entries_go_as_read_and_are_stored_joined_and_redacted(collector_process, agent_process) -> None:
+    # Java-style entries: the collector joins the lines the agent ships as read
+    # (the stack into error_stack); an entry with a card in a frame is
+    # redacted on the agent, as a record.
+    agent = agent_process(collector_process)
+    section = json.loads(agent.config.read_text())
+    section["agent"]["sources"] = [{"path": str(agent.logs / "app.log"), "source": agent.source, "format": "plain",
+                                    "multiline": {"mode": "start", "timeout": "300ms"}}]
+    agent.config.write_text(json.dumps(section))
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    def entries(start: int, stop: int) -> list[str]:
+        lines = []
+        for i in range(start, stop):
+            lines.append(f"{stamp},{i % 1000:03d} ERROR order {i} failed")
+            if i % 3 == 0:
+                lines += [f"java.lang.IllegalStateException: order {i}", f"\tat shop.Orders.place(Orders.java:{i})"]
+        return lines
+
+    def append(lines: list[str]) -> None:
+        with (agent.logs / "app.log").open("a") as out:
+            out.writelines(line + "\n" for line in lines)
+
+    append(entries(0, 30))
+    agent.start()
+    wait_for(lambda: len(stored(collector_process, agent.source)) == 30, what="the first entries")
+    parsed_before = lines_parsed_by(collector_process)
+    append([f"{stamp},999 WARN charge declined", "\tat shop.Pay.charge(card=4111 1111 1111 1111)", *entries(30, 300)])
+    wait_for(lambda: len(stored(collector_process, agent.source)) == 301, what="every entry")
+    logs = stored(collector_process, agent.source)
+    assert sorted((log["message"], log["error_stack"] or "") for log in logs) == sorted(
+        [(f"order {i} failed", f"java.lang.IllegalStateException: order {i}\n\tat shop.Orders.place(Orders.java:{i})"
+          if i % 3 == 0 else "") for i in range(300)]
+        + [("charge declined", "\tat shop.Pay.charge(card=[REDACTED:credit_card])")])
+    assert "4111" not in json.dumps(logs, default=str)
+    # The later entries went as read (the last one only after the flush timeout, as a record).
+    assert lines_parsed_by(collector_process) - parsed_before >= 300
+    assert agent.signal(signal.SIGTERM) == 0

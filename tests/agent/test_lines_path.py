@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import RedactConfig, SourceConfig
+from agent.config import MultilineConfig, RedactConfig, SourceConfig
 from agent.metrics import AgentMetrics
 from agent.parsers import JOINED_FORMATS, parse_shipped_lines
 from agent.redact import Redactor
@@ -144,8 +144,15 @@ def test_which_sources_ship_lines() -> None:
                     fields={"user_id": "token"}).can_ship_lines
     # Nor a pattern longer than a collector takes (it would refuse the lines).
     assert not pipeline(True, "regex", pattern="(?P<message>.*)" + "x?" * 2100).can_ship_lines
-    # Nor multiline entries or encodings other than UTF-8.
-    assert not pipeline(True, multiline={"mode": "continuation"}).can_ship_lines
+    # Multiline entries of plain and regex sources go as read (their records'
+    # text is the lines'), unless the first line can fill error_stack too.
+    continuation = MultilineConfig(mode="continuation")
+    assert pipeline(True, "plain", multiline=continuation).can_ship_lines
+    assert pipeline(True, "regex", pattern=r"(?P<level>\S+) (?P<message>.*)", multiline=continuation).can_ship_lines
+    assert not pipeline(True, "regex", pattern=r"(?P<message>.*) (?P<stack>.*)", multiline=continuation).can_ship_lines
+    assert not pipeline(True, multiline=continuation).can_ship_lines  # JSON
+    assert not pipeline(True, "logfmt", multiline=continuation).can_ship_lines
+    # Nor encodings other than UTF-8.
     assert not pipeline(True, "plain", encoding="latin-1").can_ship_lines
 
 

@@ -17,7 +17,7 @@ from agent.wire import Batch, Record, encode_batch
 from collector import appkeys
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
-FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain",
+FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:multiline", "lines:nginx", "lines:plain",
             "lines:regex", "lines:syslog"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}

@@ -18,7 +18,7 @@ from collector import appkeys
 from collector.ingest import BATCH_NAMESPACE
 
 # What the collector says it parses when shipped as read (agent.wire.lines_feature).
-FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:nginx", "lines:plain",
+FEATURES = ["lines", "lines:apache", "lines:combined", "lines:logfmt", "lines:multiline", "lines:nginx", "lines:plain",
             "lines:regex", "lines:syslog"]
 
 MSGPACK = {"Content-Type": "application/msgpack"}

@@ -1,0 +1,211 @@
+"""Multiline sources ship their entries as read: the collector joins the lines
+again and stores the records the agent's own joiner and parser would have made."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.config import RedactConfig, SourceConfig
+from agent.metrics import AgentMetrics
+from agent.parsers import parse_shipped_lines
+from agent.redact import Redactor
+from agent.runner import RawRun, SourcePipeline, _split_items, _wire_items
+from agent.tailer import Chunk
+from agent.wire import Lines, LinesMultiline, Record
+from tests.agent.conftest import agent_config, eventually, write_lines
+
+CARD = "4111 1111 1111 1111"
+READ_AT = "2026-12-01T00:00:00.000Z"
+
+
+def pipeline(ship_lines: bool, fmt: str = "plain", **multiline: Any) -> SourcePipeline:
+    source: dict[str, Any] = {"path": "x", "source": "app", "format": fmt, "multiline": multiline}
+    if fmt == "regex":
+        source["pattern"] = r"(?P<timestamp>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)"
+    cfg = msgspec.convert(source, SourceConfig)
+    p = SourcePipeline(cfg, "host-1", Redactor(RedactConfig()), AgentMetrics())
+    p.ship_lines = ship_lines
+    return p
+
+
+def chunks_of(lines: list[str], cuts: list[int], base: int = 100) -> list[Chunk]:
+    """The lines read in chunks that end after the line numbers in ``cuts``."""
+    chunks = []
+    start = 0
+    for stop in [*sorted({c for c in cuts if 0 < c < len(lines)}), len(lines)]:
+        data = "".join(line + "\n" for line in lines[start:stop]).encode()
+        chunks.append(Chunk.of_body(data, base, base + len(data)))
+        base += len(data)
+        start = stop
+    return chunks
+
+
+def stored(items: list[Any]) -> list[Record]:
+    """What the collector stores from a pipeline's items."""
+    records, groups = _wire_items(items)
+    out = list(records)
+    for group in groups:
+        out.extend(r for _, r in parse_shipped_lines(group, "host-1")[0])
+    return out
+
+
+def run(p: SourcePipeline, chunks: list[Chunk]) -> tuple[list[Record], list[int], int]:
+    """Every chunk through the pipeline, then the pending entry flushed:
+    the records stored, the line counts and the last covered offset."""
+    tracked = types.SimpleNamespace()
+    records: list[Record] = []
+    counts = []
+    end = 0
+    for chunk in chunks:
+        items, count, end = p.process(tracked, chunk, "/f.log", 0.0)
+        assert all(item.entries is not None for item in items if type(item) is RawRun)
+        records.extend(stored(items))
+        counts.append(count)
+    records.extend(p.flush(tracked, "/f.log"))
+    return records, counts, end
+
+
+def _same_stamps(records: list[Record]) -> dict[int | None, Record]:
+    # An entry whose first line has no timestamp of its own gets its read time.
+    return {r.offset: r if r.timestamp.startswith("2026-11-30") else msgspec.structs.replace(r, timestamp=READ_AT)
+            for r in records}
+
+
+kinds = st.sampled_from(["start", "start", "frame", "caused", "error", "blank", "secret", "secret-frame", "cr"])
+
+
+def _line(i: int, kind: str) -> str:
+    stamp = f"2026-11-30 10:00:{i % 60:02d},{i % 1000:03d}"
+    return {"start": f"{stamp} INFO request {i} done",
+            "frame": f"\tat com.example.Foo.bar{i}(Foo.java:{i})",
+            "caused": "Caused by: java.io.IOException: gone",
+            "error": f"java.lang.IllegalStateException: state {i}",
+            "blank": "",
+            "secret": f"{stamp} WARN paid with card {CARD}",
+            "secret-frame": f"\tat Pay.charge(card={CARD}, ssn=123-45-6789)",
+            "cr": f"{stamp} INFO windows line {i}\r"}[kind]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(kinds, min_size=1, max_size=40), st.lists(st.integers(0, 40), max_size=6),
+       st.sampled_from(["start", "continuation"]), st.integers(1, 6), st.sampled_from(["plain", "regex"]))
+def test_entries_shipped_as_read_are_stored_as_the_records_path_stores_them(
+        kinds_: list[str], cuts: list[int], mode: str, max_lines: int, fmt: str) -> None:
+    lines = [_line(i, kind) for i, kind in enumerate(kinds_)]
+    records_path = pipeline(False, fmt, mode=mode, max_lines=max_lines)
+    lines_path = pipeline(True, fmt, mode=mode, max_lines=max_lines)
+    records_path.parser.fixed_now = READ_AT
+    expected, expected_counts, expected_end = run(records_path, chunks_of(lines, cuts))
+    got, counts, end = run(lines_path, chunks_of(lines, cuts))
+    assert _same_stamps(got) == _same_stamps(expected)
+    assert len(got) == len(expected) and end == expected_end
+    text = repr([(r.message, r.error_stack) for r in got])
+    assert CARD not in text and "123-45-6789" not in text
+    # A chunk's count is its records plus the lines of its runs.
+    assert all(c >= e for c, e in zip(counts, expected_counts, strict=True))
+
+
+def test_a_chunk_of_whole_entries_goes_as_one_run_and_the_pending_entry_waits() -> None:
+    p = pipeline(True, mode="start")
+    lines = [_line(0, "start"), _line(1, "error"), _line(2, "frame"), _line(3, "start"), _line(4, "secret"),
+             _line(5, "frame"), _line(6, "start"), _line(7, "frame"), _line(8, "start")]
+    chunk = chunks_of(lines, [])[0]
+    tracked = types.SimpleNamespace()
+    items, count, end = p.process(tracked, chunk, "/f.log", 0.0)
+    runs = [i for i in items if type(i) is RawRun]
+    records = [i for i in items if type(i) is Record]
+    # Entries 0-2 and 3 go as read; the card's entry (4-5) is a record; 6-7 as
+    # read; 8 waits for the line that ends it.
+    assert [(r.count, r.entries) for r in runs] == [(4, [0, 3]), (2, [0])]
+    assert [r.message for r in records] == ["paid with card [REDACTED:credit_card]"]
+    assert count == 4 + 1 + 2
+    assert end == chunk.base + sum(len(line) + 1 for line in lines[:8])
+    assert [r.message for r in p.flush(tracked, "/f.log")] == ["request 8 done"]
+
+
+def test_a_multiline_run_splits_only_where_an_entry_starts() -> None:
+    run = RawRun(pipeline(True, mode="start"), b"a\n b\n c\nd\ne\n f\n", 0, 16, 500, 6, "/f.log", 0.0, [0, 3, 4])
+    head, rest, taken = _split_items([run], 5)
+    assert taken == 4 and [(r.count, r.entries, r.offset) for r in head] == [(4, [0, 3], 500)]  # type: ignore[union-attr]
+    assert [(r.count, r.entries, r.offset) for r in rest] == [(2, [0], 510)]  # type: ignore[union-attr]
+    # Room for less than the first entry: the batch that holds something closes without it…
+    record = Record("2026-12-01T00:00:00.000Z", "INFO", "app", "r")
+    head, rest, taken = _split_items([record, run], 2)
+    assert (head, rest, taken) == ([record], [record, run][1:], 1)
+    # …and one that holds nothing takes the first entry whole.
+    head, rest, taken = _split_items([run], 2)
+    assert taken == 3 and [r.count for r in head] == [3] and [r.count for r in rest] == [3]  # type: ignore[union-attr]
+    single = RawRun(run.pipeline, b"a\n b\n c\n", 0, 8, 500, 3, "/f.log", 0.0, [0])
+    assert _split_items([single], 2) == ([single], [], 3)
+
+
+def test_wire_groups_carry_the_joiner_settings() -> None:
+    p = pipeline(True, mode="continuation", pattern=r"^\s", max_lines=7)
+    run = RawRun(p, b"a\n b\n", 0, 5, 0, 2, "/f.log", 1.0, [0])
+    _, groups = _wire_items([run])
+    assert groups[0].multiline == LinesMultiline("continuation", r"^\s", 7)
+    numbered, count, _ = parse_shipped_lines(groups[0], "h")
+    assert count == 2 and [(i, r.message, r.error_stack) for i, r in numbered] == [(0, "a", " b")]
+
+
+@pytest.mark.parametrize(("multiline", "error"), [
+    (LinesMultiline("both"), "lines.multiline.mode: must be start or continuation, not 'both'"),
+    (LinesMultiline("start", max_lines=0), "lines.multiline.max_lines: must be 1 to 100000"),
+    (LinesMultiline("start", max_lines=100_001), "lines.multiline.max_lines: must be 1 to 100000"),
+    (LinesMultiline("start", pattern="x" * 4097), "lines.multiline.pattern: must be 1 to 4096 characters"),
+    (LinesMultiline("start", pattern="(unclosed"), "lines.multiline.pattern is not a valid RE2 regular expression"),
+])
+def test_invalid_multiline_settings_are_named(multiline: LinesMultiline, error: str) -> None:
+    group = Lines("app", b"a\n b\n", 1.0, "plain", multiline=multiline)
+    with pytest.raises(ValueError, match="^" + error.replace("(", r"\(").replace(".", r"\.")):
+        parse_shipped_lines(group, "h")
+
+
+def test_with_custom_rules_a_carriage_return_sends_the_chunk_as_records() -> None:
+    # Joined lines lose the "\r" before their newline: a custom rule can find
+    # "a\n\tat" in an error_stack that no raw line ("a\r\n\tat") holds.
+    cfg = msgspec.convert({"path": "x", "source": "app", "format": "plain", "multiline": {"mode": "start"}},
+                          SourceConfig)
+    redact = msgspec.convert({"custom": [{"name": "frame", "pattern": r"hidden\n\tat"}]}, RedactConfig)
+    lines = ["2026-11-30 10:00:00,000 ERROR failed", "\tat one(hidden\r", "\tat two", "2026-11-30 10:00:01,000 INFO"]
+    for ship in (True, False):
+        p = SourcePipeline(cfg, "host-1", Redactor(redact), AgentMetrics())
+        p.ship_lines = ship
+        records, _, _ = run(p, chunks_of(lines, []))
+        assert [r.error_stack for r in records if r.error_stack] == ["\tat one([REDACTED:frame] two"]
+    # Without custom rules such a chunk still goes as read.
+    p = pipeline(True, mode="start")
+    items, _, _ = p.process(types.SimpleNamespace(), chunks_of(lines, [])[0], "/f.log", 0.0)
+    assert [type(i) for i in items] == [RawRun]
+
+
+async def test_an_agent_ships_entries_as_read_in_batches_that_split_between_entries(
+        tmp_path, stub, start_agent) -> None:
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "app.log"
+    source = {"path": str(log), "source": "app", "format": "plain", "multiline": {"mode": "start", "timeout": "200ms"}}
+    expected: list[tuple[str, str | None]] = []
+
+    def entries(start: int, stop: int) -> list[str]:
+        lines = []
+        for i in range(start, stop):
+            stack = [f"java.lang.Error: e{i}", *(f"\tat f{k}(F.java:{k})" for k in range(i % 4))] if i % 2 else []
+            lines += [f"2026-11-30 10:00:00,{i:03d} ERROR entry {i}", *stack]
+            expected.append((f"entry {i}", "\n".join(stack) or None))
+        return lines
+
+    write_lines(log, entries(0, 3))
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], batch={"max_records": 7}))
+    await eventually(lambda: len(stub.records) == 3, what="the first entries")
+    write_lines(log, entries(3, 80))
+    await eventually(lambda: len(stub.records) == 80, what="every entry")
+    assert sorted((r.message, r.error_stack) for r in stub.records) == sorted(expected)
+    assert stub.lines_posts > 5, "entries went as read, in several batches"
+    assert len(stub.batches) > 10
+    assert running.agent.metrics.lines_read == len(log.read_text().splitlines())
