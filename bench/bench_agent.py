@@ -56,6 +56,8 @@ ACK_SERVER = textwrap.dedent(
         from agent.parsers import SHIPPED_FORMATS
         from agent.wire import lines_feature
         FEATURES = sorted(lines_feature(fmt) for fmt in SHIPPED_FORMATS)
+        from agent.wire import MULTILINE_FEATURE
+        FEATURES = sorted([*FEATURES, MULTILINE_FEATURE])
     except ImportError:  # an agent tree from before other formats than JSON were shipped as read
         FEATURES = [LINES_FEATURE]
     seen = set()
@@ -110,8 +112,9 @@ def _vm_hwm(pid: int) -> int:
 
 def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
     """``lines`` log lines in ``fmt`` (json, logfmt, plain, nginx, syslog: RFC 5424
-    with structured data, or regex: plain lines), 1% of them with a card number or an SSN; the same
-    content whatever the format."""
+    with structured data, regex: plain lines, or multiline: plain lines, every 20th followed by a
+    Java stack trace of 9 lines, so ``lines`` entries), 1% of them with a card number or an SSN;
+    the same content whatever the format."""
     rng = random.Random(seed)
     size = 0
     start = time.time() - lines / 1000
@@ -143,9 +146,13 @@ def generate(path: Path, lines: int, seed: int = 7, fmt: str = "json") -> int:
                     line = (f'<{128 + severity}>1 {ts} web-{i % 8} shop {1000 + i % 50} - '
                             f'[req@32473 request_id="{request_id}" user_id="{user_id}" duration_ms="{duration}"] '
                             f"{message}")
-                elif fmt in ("plain", "regex"):  # regex: the plain lines, read with PLAIN_PATTERN
+                elif fmt in ("plain", "regex", "multiline"):  # regex: the plain lines, read with PLAIN_PATTERN
                     line = (f"{ts[:10]} {ts[11:23]} {level.upper()} {message} request_id={request_id} "
                             f"user_id={user_id} took {duration} ms")
+                    if fmt == "multiline" and i % 20 == 7:  # a Java stack trace: 9 more lines
+                        line += (f"\njava.lang.IllegalStateException: order {i} failed"
+                                 + "".join(f"\n\tat com.example.shop.Orders.step{k}(Orders.java:{100 + k})"
+                                           for k in range(8)))
                 else:
                     line = json.dumps({"ts": ts, "level": level, "msg": message, "request_id": request_id,
                                        "user_id": user_id, "duration_ms": duration}, separators=(",", ":"))
@@ -238,7 +245,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100k lines")
-    parser.add_argument("--format", choices=["json", "logfmt", "plain", "nginx", "syslog", "regex"], default="json",
+    parser.add_argument("--format", choices=["json", "logfmt", "plain", "nginx", "syslog", "regex", "multiline"],
+                        default="json",
                         help="the log's format (every one ships the lines without a redaction hit as read, "
                              "to a collector that parses that format)")
     parser.add_argument("--collector", choices=["ack", "ack-count", "real"], default="ack",
@@ -292,7 +300,9 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         collector = subprocess.Popen([sys.executable, "-c", ACK_SERVER, str(port),
-                                      "count" if args.collector == "ack-count" else "parse"], cwd=ROOT, env=env)
+                                      # Multiline entries span lines: counted as the records they make.
+                                      "count" if args.collector == "ack-count" and args.format != "multiline"
+                                      else "parse"], cwd=ROOT, env=env)
         wait_http(f"{url}/stats")
         token = "bench"
 
@@ -320,8 +330,10 @@ def main() -> int:
                       **({"zstd_level": args.zstd_level} if args.zstd_level is not None else {}),
                       **({"compression": args.compression} if args.compression else {})},
         "state_dir": str(work / "state"),
-        "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench", "format": args.format,
-                     **({"pattern": PLAIN_PATTERN} if args.format == "regex" else {})}],
+        "sources": [{"path": str(log_path.parent / "*.log"), "source": "bench",
+                     "format": "plain" if args.format == "multiline" else args.format,
+                     **({"pattern": PLAIN_PATTERN} if args.format == "regex" else {}),
+                     **({"multiline": {"mode": "start"}} if args.format == "multiline" else {})}],
         "redact": {"enabled": not args.no_redact},
         **({"spool": {"sync": False}} if args.no_spool_sync else {}),
         **({"read_chunk": args.read_chunk} if args.read_chunk else {}),

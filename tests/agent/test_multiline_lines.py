@@ -8,11 +8,13 @@ from typing import Any
 
 import msgspec
 import pytest
+import re2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import RedactConfig, SourceConfig
 from agent.metrics import AgentMetrics
+from agent.multiline import DEFAULT_START, TRACEBACK_CONTINUATION, _compiled
 from agent.parsers import parse_shipped_lines
 from agent.redact import Redactor
 from agent.runner import RawRun, SourcePipeline, _split_items, _wire_items
@@ -209,3 +211,13 @@ async def test_an_agent_ships_entries_as_read_in_batches_that_split_between_entr
     assert stub.lines_posts > 5, "entries went as read, in several batches"
     assert len(stub.batches) > 10
     assert running.agent.metrics.lines_read == len(log.read_text().splitlines())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["\t", " ", "a", "Z", "0", "9", "-", ":", "é", "€", "\U0001f600", "[", "{",
+                                         "C", "(", ".", "\x00", "\ufffd"]), max_size=30),
+       st.sampled_from([TRACEBACK_CONTINUATION, DEFAULT_START, r"^\s", r"€\d", r"(?i)caused", r"^$", r"é$"]))
+def test_the_joiners_matcher_agrees_with_re2_search(text: str, pattern: str) -> None:
+    # The joiner asks RE2 about the line's UTF-8 directly; the binding's
+    # search (on the str) is the reference.
+    assert _compiled(pattern)(text) == (re2.compile(pattern).search(text) is not None)
