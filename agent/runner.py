@@ -930,12 +930,15 @@ class Agent:
         batch_id = str(uuid.uuid4())
         records, lines = _wire_items(batch.items)
         shipped_lines = batch.count - len(records) if lines else 0
+        # Records the collector makes: a line each, but an entry each for multiline runs.
+        record_count = batch.count - sum(item.count - len(item.entries) for item in batch.items
+                                         if type(item) is RawRun and item.entries is not None)
         buffer = self._encode_buffer
         encode_batch_into(Batch(self.state.agent_id, batch_id, self.host, records, lines=lines,
                                 redacted_with=self.redactor.fingerprint), buffer)
         with memoryview(buffer) as view:
             body = self._compress(view)
-        spooled = SpooledBatch(self.spool.next_seq(), batch_id, batch.count, batch.raw_bytes,
+        spooled = SpooledBatch(self.spool.next_seq(), batch_id, record_count, batch.raw_bytes,
                                [FileRange(fid, end) for fid, end in batch.ranges.items()], time.time(),
                                self.content_encoding, body, shipped_lines)
         pending = PendingBatch(spooled, keep_body=True)

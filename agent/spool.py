@@ -61,7 +61,8 @@ class SpooledBatch(msgspec.Struct):
     created: float
     content_encoding: str
     body: bytes
-    # Of ``records``, the lines shipped as read (agent.wire.Lines): the collector's answer must count them.
+    # The lines shipped as read (agent.wire.Lines): the collector's answer must count them. Each is
+    # one of ``records``, but for multiline groups, whose entries are (one record each, several lines).
     lines: int = 0
 
 

@@ -211,6 +211,7 @@ async def test_an_agent_ships_entries_as_read_in_batches_that_split_between_entr
     assert stub.lines_posts > 5, "entries went as read, in several batches"
     assert len(stub.batches) > 10
     assert running.agent.metrics.lines_read == len(log.read_text().splitlines())
+    assert running.agent.metrics.records_shipped == 80, "records are entries, not lines"
 
 
 @settings(max_examples=300, deadline=None)
