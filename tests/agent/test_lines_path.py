@@ -311,19 +311,24 @@ async def test_a_collector_that_stops_reading_lines_gets_them_again_as_records(
     assert not any(p.ship_lines for p in running.agent.pipelines)
 
 
-async def test_a_rejected_line_is_dead_lettered_with_its_record(tmp_path, stub, start_agent) -> None:
+# A reason naming lines ("lines.…") given to some lines of a group, not all,
+# is theirs alone: the group is not refused (sent again as records).
+@pytest.mark.parametrize("reason", ["message: refused by test", "lines.x: refused by test"])
+async def test_a_rejected_line_is_dead_lettered_with_its_record(tmp_path, stub, start_agent, reason) -> None:
     log = tmp_path / "logs" / "a.log"
     source = _json_source(tmp_path)
     write_lines(log, _lines(0, 3))
     running = await start_agent(agent_config(tmp_path, stub.url, [source]))
     await eventually(lambda: len(stub.messages()) == 3)
-    stub.reject = lambda r: "message: refused by test" if r.message == "line 0042" else None
+    stub.reject = lambda r: reason if r.message == "line 0042" else None
     write_lines(log, _lines(3, 50))
     await eventually(lambda: len(stub.messages()) == 49)
     dead = tmp_path / "state" / "dead-letter.ndjson"
     await eventually(dead.exists, what="the dead-letter file")
     entries = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0042", "message: refused by test")]
+    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0042", reason)]
+    assert sorted(stub.messages()) == [m for m in _expected(0, 50) if m != "line 0042"]
+    assert all(p.ship_lines for p in running.agent.pipelines)
     assert entries[0]["record"]["offset"] == log.read_bytes().index(b'{"ts"', log.read_bytes().index(b"line 0042") - 60)
     assert stub.lines_posts > 0 and running.agent.metrics.records_rejected == 1
 
@@ -525,23 +530,3 @@ async def test_lines_whose_group_the_collector_refuses_are_sent_again_as_records
                for r in caplog.records)
     metrics = running.agent.metrics
     assert metrics.records_shipped == 100 and metrics.records_rejected == 0
-
-
-async def test_a_lines_reason_for_some_lines_of_a_group_is_theirs_alone(tmp_path, stub, start_agent) -> None:
-    # Only a reason given to every line of a group refuses the group: one
-    # line's rejection is dead-lettered, and the rest is not sent twice.
-    (tmp_path / "logs").mkdir()
-    json_log = tmp_path / "logs" / "j.log"
-    write_lines(json_log, _lines(0, 5))
-    running = await start_agent(agent_config(tmp_path, stub.url, [_json_source(tmp_path)]))
-    await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
-    stub.reject = lambda r: "lines.x: refused by test" if r.message == "line 0007" else None
-    write_lines(json_log, _lines(5, 12))
-    await eventually(lambda: len(stub.messages()) == 11)
-    dead = tmp_path / "state" / "dead-letter.ndjson"
-    await eventually(dead.exists, what="the dead-letter file")
-    entries = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0007", "lines.x: refused by test")]
-    assert sorted(stub.messages()) == [m for m in _expected(0, 12) if m != "line 0007"]
-    assert stub.lines_posts >= 1 and all(p.ship_lines for p in running.agent.pipelines)
-    assert running.agent.metrics.records_rejected == 1
