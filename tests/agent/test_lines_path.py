@@ -312,7 +312,8 @@ async def test_a_collector_that_stops_reading_lines_gets_them_again_as_records(
 
 
 # A reason naming lines ("lines.…") given to some lines of a group, not all,
-# is theirs alone: the group is not refused (sent again as records).
+# is theirs alone: the group is not refused (sent again as records). Line 35
+# starts a group of lines shipped as read: line 34 holds a card (a record).
 @pytest.mark.parametrize("reason", ["message: refused by test", "lines.x: refused by test"])
 async def test_a_rejected_line_is_dead_lettered_with_its_record(tmp_path, stub, start_agent, reason) -> None:
     log = tmp_path / "logs" / "a.log"
@@ -320,16 +321,16 @@ async def test_a_rejected_line_is_dead_lettered_with_its_record(tmp_path, stub, 
     write_lines(log, _lines(0, 3))
     running = await start_agent(agent_config(tmp_path, stub.url, [source]))
     await eventually(lambda: len(stub.messages()) == 3)
-    stub.reject = lambda r: reason if r.message == "line 0042" else None
+    stub.reject = lambda r: reason if r.message == "line 0035" else None
     write_lines(log, _lines(3, 50))
     await eventually(lambda: len(stub.messages()) == 49)
     dead = tmp_path / "state" / "dead-letter.ndjson"
     await eventually(dead.exists, what="the dead-letter file")
     entries = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0042", reason)]
-    assert sorted(stub.messages()) == [m for m in _expected(0, 50) if m != "line 0042"]
+    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("line 0035", reason)]
+    assert sorted(stub.messages()) == [m for m in _expected(0, 50) if m != "line 0035"]
     assert all(p.ship_lines for p in running.agent.pipelines)
-    assert entries[0]["record"]["offset"] == log.read_bytes().index(b'{"ts"', log.read_bytes().index(b"line 0042") - 60)
+    assert entries[0]["record"]["offset"] == log.read_bytes().index(b'{"ts"', log.read_bytes().index(b"line 0035") - 60)
     assert stub.lines_posts > 0 and running.agent.metrics.records_rejected == 1
 
 
