@@ -109,6 +109,7 @@ class Shipper:
         self._stopping = asyncio.Event()
         self.last_error: str | None = None
         self._idle: queue.SimpleQueue[http.client.HTTPConnection] = queue.SimpleQueue()
+        self._closed = False  # past __aexit__: a request still running closes its connection
         self._tls: ssl.SSLContext | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None]] | None = None
         self._workers = 0
@@ -129,6 +130,7 @@ class Shipper:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closed = True
         self._close_idle()
 
     def _close_idle(self) -> None:
@@ -184,10 +186,14 @@ class Shipper:
             except BaseException:
                 conn.close()
                 raise
-            if resp.will_close or target != self._key:
-                conn.close()  # closed by the collector, or for a URL changed meanwhile (SIGHUP)
+            if resp.will_close or target != self._key or self._closed:
+                # Closed by the collector, for a URL changed meanwhile
+                # (SIGHUP), or for a shipper closed while this ran.
+                conn.close()
             else:
                 self._idle.put(conn)
+                if self._closed:  # closed between the check and the put
+                    self._close_idle()
             return _Answer(resp.status, resp.reason or "", resp.getheader("Retry-After"), data)
 
     async def _in_thread(self, body: bytes, headers: dict[str, str]) -> _Answer:

@@ -265,3 +265,24 @@ async def test_a_reload_to_another_collector_url_ships_there(tmp_path, stub, sta
         assert stub.messages() == ["to the first"]
     finally:
         other.stop()
+
+
+async def test_a_request_still_running_when_the_shipper_closes_leaves_no_connection_open(stub) -> None:
+    # A POST outlives the shipper at exit (a slow collector): its connection
+    # was pooled after the pool was emptied, and left for the garbage
+    # collector (a ResourceWarning in some later test).
+    import msgspec
+
+    from agent.config import CollectorTarget
+    from agent.shipper import Shipper
+    from agent.wire import Batch, encode_batch
+
+    stub.delay = 0.4
+    cfg = msgspec.convert({"url": stub.url, "token": "test-token"}, CollectorTarget)
+    body = encode_batch(Batch("agent-1", "batch-1", "host-1", []))
+    async with Shipper(cfg) as shipper:
+        sending = asyncio.create_task(shipper.deliver(body, "identity"))
+        await eventually(lambda: stub.posts == 1, what="the request in flight")
+    delivery = await sending
+    assert delivery.stored
+    assert shipper._idle.empty()
