@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import get_args
+from typing import Any, get_args
 
 from agent.config import Format
 from agent.configfile import ConfigError, ConfigInvalid
@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     redact.add_argument("-c", "--config", metavar="FILE")
     redact.add_argument("--counts", action="store_true", help="print matches per rule on stderr at the end")
     how = redact.add_mutually_exclusive_group()
-    how.add_argument("--source", metavar="NAME", help="parse as FILE's source NAME (its format, pattern, fields "
-                                                      "and tags; one record a line)")
+    how.add_argument("--source", metavar="NAME", help="parse as FILE's source NAME (its format, pattern, fields, "
+                                                      "tags and multiline joining)")
     how.add_argument("--format", choices=sorted(get_args(Format)), help="parse as a source of this format")
     redact.add_argument("--pattern", help="the named-group pattern of --format regex")
     return parser
@@ -106,11 +106,7 @@ def _redact(path: str | None, counts: bool) -> int:
         newline = line.endswith("\n")
         text = line[:-1] if newline else line
         out.write(redactor.redact_text(text) + ("\n" if newline else ""))
-    out.flush()
-    if counts:
-        for rule, n in sorted(redactor.counts.items()):
-            print(f"{rule}: {n}", file=sys.stderr)
-    return 0
+    return _done(out, redactor, counts)
 
 
 def _redact_records(path: str | None, source: str | None, fmt: str | None, pattern: str | None,
@@ -134,7 +130,7 @@ def _redact_records(path: str | None, source: str | None, fmt: str | None, patte
                     print(f"{path}: agent.sources: no source named {source!r} (there are: {names})",
                           file=sys.stderr)
                     return 2
-                src = msgspec.structs.replace(matches[0], multiline=None)
+                src = matches[0]
         elif source is not None:
             print("logferry-agent redact: --source needs -c FILE", file=sys.stderr)
             return 2
@@ -153,6 +149,19 @@ def _redact_records(path: str | None, source: str | None, fmt: str | None, patte
     offset = 0
     batch: list[bytes] = []
     starts: list[int] = []
+    if src.multiline is not None:
+        # The source's entries, joined as the agent joins them (the last one at the end of input).
+        from agent.multiline import MultilineJoiner
+
+        joiner = MultilineJoiner(src.multiline)
+        for raw in sys.stdin.buffer:
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            for first, rest, start, _ in joiner.feed(parser.decode(line), offset, offset + len(raw), 0.0):
+                out.write(encode(redactor.redact_record(parser.parse_entry(first, rest, start, None))) + b"\n")
+            offset += len(raw)
+        for first, rest, start, _ in joiner.flush():
+            out.write(encode(redactor.redact_record(parser.parse_entry(first, rest, start, None))) + b"\n")
+        return _done(out, redactor, counts)
 
     def flush() -> None:
         for record in parser.parse_lines(batch, starts, None):
@@ -168,6 +177,10 @@ def _redact_records(path: str | None, source: str | None, fmt: str | None, patte
         if len(batch) >= 1000:
             flush()
     flush()
+    return _done(out, redactor, counts)
+
+
+def _done(out: Any, redactor: Any, counts: bool) -> int:
     out.flush()
     if counts:
         for rule, n in sorted(redactor.counts.items()):

@@ -243,7 +243,8 @@ def test_redact_command_parses_as_a_source_and_prints_the_redacted_records(tmp_p
     config.write_text(json.dumps({"agent": {
         "collector": {"url": "http://127.0.0.1:9", "token": "t"}, "state_dir": str(tmp_path / "state"),
         "sources": [{"path": "/x/*.log", "source": "jobs", "format": "regex", "tags": ["batch"],
-                     "pattern": r"(?P<level>[A-Z]+) (?P<message>.*?)(?: pan=(?P<pan>\d+))?$"}]}}))
+                     "pattern": r"(?P<level>[A-Z]+) (?P<message>.*?)(?: pan=(?P<pan>\d+))?$"},
+                    {"path": "/y/*.log", "source": "app", "format": "plain", "multiline": {"mode": "continuation"}}]}}))
 
     def run(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "agent.cli", "redact", *args], input=stdin,
@@ -262,9 +263,18 @@ def test_redact_command_parses_as_a_source_and_prints_the_redacted_records(tmp_p
     assert [(r["level"], r["message"], r.get("context"), r["tags"]) for r in records] == [
         ("WARN", "paid", {"pan": "[REDACTED:credit_card]"}, ["batch"]), ("INFO", "ok", None, ["batch"])]
     assert "credit_card: 1" in out.stderr
+    # A multiline source's entries are joined (the last one at the end of input).
+    out = run("-c", str(config), "--source", "app", stdin="ERROR charge failed\nTraceback (most recent call last):\n"
+              "  File \"pay.py\", line 3, in charge\nValueError: card 4111 1111 1111 1111\nINFO next\nINFO last")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["level"], r["message"], r.get("error_stack")) for r in records] == [
+        ("ERROR", "charge failed", 'Traceback (most recent call last):\n  File "pay.py", line 3, in charge\n'
+                                   "ValueError: card [REDACTED:credit_card]"),
+        ("INFO", "next", None), ("INFO", "last", None)]
     # Mistakes are named, with exit status 2.
     unknown = run("-c", str(config), "--source", "web", stdin="")
-    assert unknown.returncode == 2 and "no source named 'web' (there are: jobs)" in unknown.stderr
+    assert unknown.returncode == 2 and "no source named 'web' (there are: app, jobs)" in unknown.stderr
     assert run("--source", "jobs", stdin="").stderr.strip() == "logferry-agent redact: --source needs -c FILE"
     assert "needs a `pattern`" in run("--format", "regex", stdin="").stderr
 
