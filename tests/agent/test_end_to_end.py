@@ -321,3 +321,47 @@ def test_multiline_entries_go_as_read_and_are_stored_joined_and_redacted(collect
     # The later entries went as read (the last one only after the flush timeout, as a record).
     assert lines_parsed_by(collector_process) - parsed_before >= 300
     assert agent.signal(signal.SIGTERM) == 0
+
+
+def test_kill_9_while_shipping_multiline_entries_then_restart_stores_each_once(
+        collector_process, agent_process) -> None:
+    # Entries shipped as read, in batches split between entries, with the last
+    # entry of a read pending in the joiner when the agent dies.
+    agent = agent_process(collector_process, batch={"max_records": 100}, collector={"max_in_flight": 4})
+    section = json.loads(agent.config.read_text())
+    section["agent"]["sources"][0].update(format="plain", multiline={"mode": "start", "timeout": "300ms"})
+    agent.config.write_text(json.dumps(section))
+    app = agent.logs / "app.log"
+    total = 6000
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    def entries(start: int, stop: int) -> None:
+        with app.open("a") as out:
+            for i in range(start, stop):
+                out.write(f"{stamp},{i % 1000:03d} ERROR entry {i:06d}\n")
+                if i % 3 == 0:
+                    out.write(f"java.lang.Error: e{i}\n\tat F.f(F.java:{i})\n")
+
+    def keep_writing() -> None:
+        for first in range(1000, total, 150):
+            entries(first, min(first + 150, total))
+            time.sleep(0.02)
+
+    entries(0, 1000)
+    parsed_before = lines_parsed_by(collector_process)
+    agent.start()
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    wait_for(lambda: len(collector_process.query_logs(source=agent.source, start="-1h", limit=10)["logs"]) > 0,
+             what="first batches stored")
+    assert agent.signal(signal.SIGKILL) == -signal.SIGKILL
+    writer.join()
+    assert 0 < len(stored(collector_process, agent.source)) < total
+    agent.start()
+    wait_for(lambda: len(stored(collector_process, agent.source)) >= total, what="every entry after restart")
+    time.sleep(0.6)  # a duplicate, or the last entry flushed twice, would arrive now
+    logs = stored(collector_process, agent.source)
+    assert sorted((log["message"], log["error_stack"] or "") for log in logs) == [
+        (f"entry {i:06d}", f"java.lang.Error: e{i}\n\tat F.f(F.java:{i})" if i % 3 == 0 else "") for i in range(total)]
+    assert lines_parsed_by(collector_process) - parsed_before >= total, "entries went as read"
+    assert agent.signal(signal.SIGTERM) == 0
