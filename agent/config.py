@@ -198,16 +198,22 @@ class MultilineConfig(msgspec.Struct, forbid_unknown_fields=True):
     Java tracebacks (indented lines, ``Traceback …``, ``Caused by:``,
     ``SomeError: …``) and ``start`` takes a line beginning with a date, a
     ``[`` or a ``{`` as a start. Continuation lines fill ``error_stack``.
+    An entry ends at ``max_lines`` lines, or before a line that would take it
+    past ``max_bytes`` (as read, newlines included; its first line is kept
+    whole): what a pending entry holds in memory is bounded.
     """
 
     mode: Literal["start", "continuation"] = "continuation"
     pattern: str | None = None
     max_lines: Annotated[int, msgspec.Meta(ge=1)] = 500
     timeout: Duration = Duration(1.0)
+    max_bytes: ByteSize = ByteSize(1024 * 1024)
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
             _check_regex(self.pattern, "pattern")
+        if self.max_bytes < 1024:
+            raise ValueError("`max_bytes` must be at least 1KiB")
 
 
 class SourceConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -95,12 +95,12 @@ class MultilineJoiner:
             return out
         matched = self._matches(line)
         continues = not matched if self.start_mode else matched
-        if continues and 1 + len(self._rest) < self.cfg.max_lines:
+        if continues and 1 + len(self._rest) < self.cfg.max_lines and end - self._start <= self.cfg.max_bytes:
             self._rest.append(line)
             self._end = end
             return out
-        # A new entry starts here, or the current one reached max_lines (this
-        # line then opens the next one).
+        # A new entry starts here, or the current one reached max_lines or
+        # max_bytes (this line then opens the next one).
         out.append(self._take())
         if line.strip():
             self._first, self._rest, self._start, self._end = line, [], start, end

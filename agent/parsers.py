@@ -34,6 +34,7 @@ import msgspec
 import re2
 
 from agent.config import MultilineConfig, SourceConfig
+from agent.configfile import ByteSize
 from agent.multiline import MultilineJoiner
 from agent.wire import Level, Lines, LinesMultiline, parse_level, parse_timestamp
 from agent.wire import Record as Record
@@ -889,6 +890,7 @@ BACKSLASH_FORMATS = frozenset({"syslog"})
 SHIPPED_FORMATS = frozenset({"json", "logfmt", "plain", "syslog", "regex", *JOINED_FORMATS})
 MAX_SHIPPED_PATTERN = 4096  # characters of a regex source's pattern in Lines (and of a multiline pattern)
 MAX_SHIPPED_MULTILINE_LINES = 100_000  # Lines.multiline.max_lines
+MAX_SHIPPED_MULTILINE_BYTES = 64 * 1024 * 1024  # Lines.multiline.max_bytes
 _MAX_REGEX_PARSERS = 32  # cached parsers of shipped regex lines (each an RE2 program and its DFA memory)
 
 
@@ -969,11 +971,14 @@ def _shipped_joiner(settings: LinesMultiline) -> MultilineJoiner:
         raise ValueError(f"lines.multiline.mode: must be start or continuation, not {settings.mode[:50]!r}")
     if not 1 <= settings.max_lines <= MAX_SHIPPED_MULTILINE_LINES:
         raise ValueError(f"lines.multiline.max_lines: must be 1 to {MAX_SHIPPED_MULTILINE_LINES}")
+    if not 1024 <= settings.max_bytes <= MAX_SHIPPED_MULTILINE_BYTES:
+        raise ValueError(f"lines.multiline.max_bytes: must be 1024 to {MAX_SHIPPED_MULTILINE_BYTES}")
     if settings.pattern is not None and not 1 <= len(settings.pattern) <= MAX_SHIPPED_PATTERN:
         raise ValueError(f"lines.multiline.pattern: must be 1 to {MAX_SHIPPED_PATTERN} characters")
     try:
-        return MultilineJoiner(MultilineConfig(settings.mode, settings.pattern,  # type: ignore[arg-type]
-                                               settings.max_lines))
+        return MultilineJoiner(MultilineConfig(mode=settings.mode, pattern=settings.pattern,  # type: ignore[arg-type]
+                                               max_lines=settings.max_lines,
+                                               max_bytes=ByteSize(settings.max_bytes)))
     except ValueError as exc:  # the pattern (MultilineConfig checks it with RE2)
         raise ValueError(f"lines.multiline.{exc}") from None
 
@@ -985,9 +990,8 @@ def _parse_shipped_entries(parser: LineParser, joiner: MultilineJoiner, group: L
     holds whole entries), each numbered by its first line."""
     decode = parser.decode
     entries = []
-    last = len(lines) - 1
-    for i, line in enumerate(lines):
-        entries.extend(joiner.feed(decode(line), starts[i], starts[i + 1] if i < last else -1, 0.0))
+    for line, start in zip(lines, starts, strict=True):
+        entries.extend(joiner.feed(decode(line), start, start + len(line) + 1, 0.0))
     entries.extend(joiner.flush())
     file = group.file
     numbered = [(bisect_left(starts, start), parser.parse_entry(first, rest, start, file))

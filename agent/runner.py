@@ -157,7 +157,7 @@ class SourcePipeline:
                                and len(cfg.pattern or "") <= MAX_SHIPPED_PATTERN and not self._sensitive_groups())
         self.ship_lines = False
         self.shipped_multiline = None if cfg.multiline is None else LinesMultiline(
-            cfg.multiline.mode, cfg.multiline.pattern, cfg.multiline.max_lines)
+            cfg.multiline.mode, cfg.multiline.pattern, cfg.multiline.max_lines, int(cfg.multiline.max_bytes))
         # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
         self.quoted_json = cfg.format in ("json", "logfmt")
         # Whether a backslash in a line makes it a hit: syslog's structured data

@@ -110,6 +110,7 @@ class LinesMultiline(msgspec.Struct, omit_defaults=True):
     mode: str
     pattern: str | None = None
     max_lines: int = 500
+    max_bytes: int = 1024 * 1024
 
 
 # A collector that joins multiline groups (Lines.multiline) names this feature.

@@ -12,7 +12,8 @@ import re2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import RedactConfig, SourceConfig
+from agent.config import MultilineConfig, RedactConfig, SourceConfig
+from agent.configfile import ConfigInvalid, convert
 from agent.metrics import AgentMetrics
 from agent.multiline import DEFAULT_START, TRACEBACK_CONTINUATION, _compiled
 from agent.parsers import parse_shipped_lines
@@ -30,7 +31,7 @@ def pipeline(ship_lines: bool, fmt: str = "plain", **multiline: Any) -> SourcePi
     source: dict[str, Any] = {"path": "x", "source": "app", "format": fmt, "multiline": multiline}
     if fmt == "regex":
         source["pattern"] = r"(?P<timestamp>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)"
-    cfg = msgspec.convert(source, SourceConfig)
+    cfg = convert(source, SourceConfig)
     p = SourcePipeline(cfg, "host-1", Redactor(RedactConfig()), AgentMetrics())
     p.ship_lines = ship_lines
     return p
@@ -79,7 +80,8 @@ def _same_stamps(records: list[Record]) -> dict[int | None, Record]:
             for r in records}
 
 
-kinds = st.sampled_from(["start", "start", "frame", "caused", "error", "blank", "secret", "secret-frame", "cr"])
+kinds = st.sampled_from(["start", "start", "frame", "caused", "error", "blank", "secret", "secret-frame", "cr",
+                         "long"])
 
 
 def _line(i: int, kind: str) -> str:
@@ -91,17 +93,19 @@ def _line(i: int, kind: str) -> str:
             "blank": "",
             "secret": f"{stamp} WARN paid with card {CARD}",
             "secret-frame": f"\tat Pay.charge(card={CARD}, ssn=123-45-6789)",
-            "cr": f"{stamp} INFO windows line {i}\r"}[kind]
+            "cr": f"{stamp} INFO windows line {i}\r",
+            "long": f"\tat com.example.{'Deep' * 150}.call{i}(Deep.java:{i})"}[kind]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(kinds, min_size=1, max_size=40), st.lists(st.integers(0, 40), max_size=6),
-       st.sampled_from(["start", "continuation"]), st.integers(1, 6), st.sampled_from(["plain", "regex"]))
+       st.sampled_from(["start", "continuation"]), st.integers(1, 6), st.sampled_from(["plain", "regex"]),
+       st.sampled_from([1024, 2000, 1 << 20]))
 def test_entries_shipped_as_read_are_stored_as_the_records_path_stores_them(
-        kinds_: list[str], cuts: list[int], mode: str, max_lines: int, fmt: str) -> None:
+        kinds_: list[str], cuts: list[int], mode: str, max_lines: int, fmt: str, max_bytes: int) -> None:
     lines = [_line(i, kind) for i, kind in enumerate(kinds_)]
-    records_path = pipeline(False, fmt, mode=mode, max_lines=max_lines)
-    lines_path = pipeline(True, fmt, mode=mode, max_lines=max_lines)
+    records_path = pipeline(False, fmt, mode=mode, max_lines=max_lines, max_bytes=max_bytes)
+    lines_path = pipeline(True, fmt, mode=mode, max_lines=max_lines, max_bytes=max_bytes)
     records_path.parser.fixed_now = READ_AT
     expected, expected_counts, expected_end = run(records_path, chunks_of(lines, cuts))
     got, counts, end = run(lines_path, chunks_of(lines, cuts))
@@ -151,7 +155,7 @@ def test_wire_groups_carry_the_joiner_settings() -> None:
     p = pipeline(True, mode="continuation", pattern=r"^\s", max_lines=7)
     run = RawRun(p, b"a\n b\n", 0, 5, 0, 2, "/f.log", 1.0, [0])
     _, groups = _wire_items([run])
-    assert groups[0].multiline == LinesMultiline("continuation", r"^\s", 7)
+    assert groups[0].multiline == LinesMultiline("continuation", r"^\s", 7, 1 << 20)
     numbered, count, _ = parse_shipped_lines(groups[0], "h")
     assert count == 2 and [(i, r.message, r.error_stack) for i, r in numbered] == [(0, "a", " b")]
 
@@ -161,6 +165,7 @@ def test_wire_groups_carry_the_joiner_settings() -> None:
     (LinesMultiline("start", max_lines=0), "lines.multiline.max_lines: must be 1 to 100000"),
     (LinesMultiline("start", max_lines=100_001), "lines.multiline.max_lines: must be 1 to 100000"),
     (LinesMultiline("start", pattern="x" * 4097), "lines.multiline.pattern: must be 1 to 4096 characters"),
+    (LinesMultiline("start", max_bytes=1023), "lines.multiline.max_bytes: must be 1024 to 67108864"),
     (LinesMultiline("start", pattern="(unclosed"), "lines.multiline.pattern is not a valid RE2 regular expression"),
 ])
 def test_invalid_multiline_settings_are_named(multiline: LinesMultiline, error: str) -> None:
@@ -222,3 +227,17 @@ def test_the_joiners_matcher_agrees_with_re2_search(text: str, pattern: str) -> 
     # The joiner asks RE2 about the line's UTF-8 directly; the binding's
     # search (on the str) is the reference.
     assert _compiled(pattern)(text) == (re2.compile(pattern).search(text) is not None)
+
+
+def test_an_entry_ends_before_a_line_that_would_take_it_past_max_bytes() -> None:
+    # 1 KiB: the first line (any length) and the frames after it while the
+    # entry, newlines included, stays within it; the next frame opens an entry.
+    p = pipeline(False, mode="start", max_bytes=1024)
+    frame = "\tat " + "x" * 295  # 300 bytes with its newline
+    lines = ["2026-11-30 10:00:00,000 ERROR " + "y" * 1100, frame, "2026-11-30 10:00:01,000 ERROR boom",
+             frame, frame, frame, frame, "2026-11-30 10:00:02,000 INFO end"]
+    records, _, _ = run(p, chunks_of(lines, []))
+    assert [(r.message[:6], (r.error_stack or "").count("\tat ")) for r in records] == [
+        ("y" * 6, 0), ("\tat xx", 0), ("boom", 3), ("\tat xx", 0), ("end", 0)]
+    with pytest.raises(ConfigInvalid, match="max_bytes` must be at least 1KiB"):
+        convert({"mode": "start", "max_bytes": 1000}, MultilineConfig)
