@@ -563,6 +563,7 @@ class Agent:
         self._lock_fd: int | None = None
         self._spooling: set[asyncio.Task[None]] = set()
         self._to_spool: list[tuple[SpooledBatch, PendingBatch]] = []
+        self._durable_waiters: dict[int, asyncio.Future[None]] = {}  # spool seq -> set once written
         self._spool_writing = False
         # Bytes of closed batches not yet written to the spool, and the largest
         # batch body so far: spool.max_bytes holds only while reading stops
@@ -938,11 +939,17 @@ class Agent:
                                 redacted_with=self.redactor.fingerprint), buffer)
         with memoryview(buffer) as view:
             body = self._compress(view)
-        spooled = SpooledBatch(self.spool.next_seq(), batch_id, record_count, batch.raw_bytes,
-                               [FileRange(fid, end) for fid, end in batch.ranges.items()], time.time(),
+        self._enqueue(batch_id, record_count, batch.raw_bytes, batch.ranges, body, shipped_lines)
+
+    def _enqueue(self, batch_id: str, records: int, raw_bytes: int, ranges: dict[str, int], body: bytes,
+                 shipped_lines: int) -> SpooledBatch:
+        """Spool an encoded batch (off the loop, grouped with others) and
+        queue it for sending once it is durable."""
+        spooled = SpooledBatch(self.spool.next_seq(), batch_id, records, raw_bytes,
+                               [FileRange(fid, end) for fid, end in ranges.items()], time.time(),
                                self.content_encoding, body, shipped_lines)
         pending = PendingBatch(spooled, keep_body=True)
-        for file_id, end in batch.ranges.items():
+        for file_id, end in ranges.items():
             marker = _Marker(end, pending)
             pending.markers.append((file_id, marker))
             pending.uncommitted += 1
@@ -966,6 +973,7 @@ class Agent:
             task = asyncio.get_running_loop().create_task(self._spool_writer())
             self._spooling.add(task)
             task.add_done_callback(self._spooling.discard)
+        return spooled
 
     async def _spool_writer(self) -> None:
         """Write the closed batches to the spool, in order, a group at a time,
@@ -992,6 +1000,10 @@ class Agent:
             self._spool_reserved -= sum(self._spool_sizes.pop(spooled.seq, 0) for spooled, _ in group)
             self._queue.extend(pending for _, pending in group)
             self._queued.set()
+            for spooled, _ in group:
+                durable = self._durable_waiters.pop(spooled.seq, None)
+                if durable is not None and not durable.done():
+                    durable.set_result(None)
 
     def _advance_without_batch(self, ranges: dict[str, int]) -> None:
         for file_id, end in ranges.items():
@@ -1099,7 +1111,7 @@ class Agent:
                 self._queued.clear()
                 await self._queued.wait()
             pending = self._queue.popleft()
-            lost = 0  # records sent again in another batch that did not make it
+            moved = 0  # records of this batch that go in a replacement batch instead
             body = pending.body
             if body is None:
                 body = self.spool.read_body(pending.seq).body
@@ -1110,20 +1122,19 @@ class Agent:
                         and answer.lines != pending.lines:
                     # A collector that does not parse shipped lines (an older
                     # one behind the same address): send them again as records.
-                    body, delivery = await self._resend_as_records(shipper, pending, body, answer)
+                    moved = await self._resend_as_records(pending, body, answer)
                 elif pending.lines and answer is not None and answer.rejected \
                         and any(_is_group_error(item) for item in answer.rejected):
-                    lost = await self._resend_refused_groups(shipper, pending, body, answer)
+                    moved = await self._resend_refused_groups(pending, body, answer)
             except Stopped:
                 self._queue.appendleft(pending)
                 return
-            self._delivered(pending, body, delivery, lost)
+            self._delivered(pending, body, delivery, moved)
             pending.body = None
 
-    async def _resend_as_records(self, shipper: Shipper, pending: PendingBatch, body: bytes,
-                                 answer: IngestResponse) -> tuple[bytes, Delivery]:
-        """Ship a batch's lines again, parsed here, as records of a batch whose
-        id derives from the first one's (so a repeat is still deduplicated)."""
+    async def _resend_as_records(self, pending: PendingBatch, body: bytes, answer: IngestResponse) -> int:
+        """A batch's lines again, parsed here, as records of a replacement
+        batch (:meth:`_spool_replacement`); how many records moved there."""
         if any(p.ship_lines for p in self.pipelines):
             log.error("the collector did not read the %d lines shipped as read in batch %s (it answered "
                       "lines=%d): sending lines as records from now on", pending.lines, pending.batch_id,
@@ -1132,26 +1143,33 @@ class Agent:
         decoded = decode_msgpack_batch(self._decompress(body, pending.content_encoding))
         records = [r for group in decoded.lines for _, r in parse_shipped_lines(group, decoded.host)[0]]
         records = [self.redactor.redact_record(r) for r in records]
-        batch_id = str(uuid.uuid5(uuid.UUID(pending.batch_id), "records")) if _is_uuid(pending.batch_id) \
-            else pending.batch_id + "-records"
-        again = self._compress(encode_batch(Batch(decoded.agent_id, batch_id, decoded.host, records)))
-        if answer.rejected:
-            # The first batch's own rejections, against its body.
-            self.metrics.records_rejected += len(answer.rejected)
-            self._dead_letter(pending, body, "HTTP 200: rejected", answer.rejected)
-            answer.rejected = []
-        return again, await shipper.deliver(again, pending.content_encoding)
+        await self._spool_replacement(pending, decoded.agent_id, decoded.host, records, "records")
+        return pending.records - len(decoded.records)
 
-    async def _resend_refused_groups(self, shipper: Shipper, pending: PendingBatch, body: bytes,
-                                     answer: IngestResponse) -> int:
+    async def _spool_replacement(self, pending: PendingBatch, agent_id: str, host: str, records: list[Record],
+                                 suffix: str) -> None:
+        """Spool ``records`` as a batch of their own, whose id derives from
+        ``pending``'s (a repeat is still deduplicated), and return once it is
+        durable: only then may ``pending`` be acknowledged. A stop or a crash
+        before would re-send ``pending``, answered as a duplicate, and lose
+        them. The batch is sent like any other."""
+        batch_id = str(uuid.uuid5(uuid.UUID(pending.batch_id), suffix)) if _is_uuid(pending.batch_id) \
+            else f"{pending.batch_id}-{suffix}"
+        body = self._compress(encode_batch(Batch(agent_id, batch_id, host, records,
+                                                 redacted_with=self.redactor.fingerprint)))
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters[self._enqueue(batch_id, len(records), 0, {}, body, 0).seq] = durable
+        await durable
+
+    async def _resend_refused_groups(self, pending: PendingBatch, body: bytes, answer: IngestResponse) -> int:
         """Lines of a group the collector refused whole (its settings, such as
         a regex pattern its RE2 does not take: every line rejected with the same
-        ``lines…`` reason) are parsed here and sent again as records, in a batch
-        whose id derives from this one's, and their source ships records from
-        now on. Lines this agent cannot parse either stay rejected, to be
-        dead-lettered with the collector's reason. ``answer.rejected`` keeps only
-        what is still rejected; returns how many of the lines sent again were
-        not stored (dead-lettered from the second batch)."""
+        ``lines…`` reason) are parsed here and sent again as records, in a
+        replacement batch (:meth:`_spool_replacement`), and their source ships
+        records from now on. Lines this agent cannot parse either stay
+        rejected, to be dead-lettered with the collector's reason.
+        ``answer.rejected`` keeps only what is still rejected; returns how many
+        records moved to the replacement."""
         decoded = decode_msgpack_batch(self._decompress(body, pending.content_encoding))
         reasons = {item.get("index"): str(item.get("error", "")) for item in answer.rejected}
         index = decoded.lines_index
@@ -1174,23 +1192,8 @@ class Agent:
         if not taken:
             return 0
         answer.rejected = [item for item in answer.rejected if item.get("index") not in taken]
-        batch_id = str(uuid.uuid5(uuid.UUID(pending.batch_id), "refused-lines")) if _is_uuid(pending.batch_id) \
-            else pending.batch_id + "-refused-lines"
-        again = self._compress(encode_batch(Batch(decoded.agent_id, batch_id, decoded.host, records,
-                                                  redacted_with=self.redactor.fingerprint)))
-        delivery = await shipper.deliver(again, pending.content_encoding)
-        if not delivery.stored:
-            self.metrics.batches_dead_lettered += 1
-            self.metrics.records_rejected += len(records)
-            log.error("batch %s (lines refused by the collector, as records) dead-lettered: %s",
-                      batch_id, delivery.reason)
-            self._dead_letter(pending, again, delivery.reason, None, batch_id=batch_id)
-            return len(records)
-        refused = delivery.response.rejected if delivery.response is not None else []
-        if refused:
-            self.metrics.records_rejected += len(refused)
-            self._dead_letter(pending, again, f"HTTP {delivery.status}: rejected", refused, batch_id=batch_id)
-        return len(refused)
+        await self._spool_replacement(pending, decoded.agent_id, decoded.host, records, "refused-lines")
+        return len(records)
 
     def _ship_records(self, group: Lines, reason: str) -> None:
         """The pipelines whose lines ``group`` holds ship records from now on
@@ -1212,7 +1215,7 @@ class Agent:
                 and (p.shipped_multiline is None or MULTILINE_FEATURE in self._lines_features)
         self._lines_known = able
 
-    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, lost: int = 0) -> None:
+    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, moved: int = 0) -> None:
         self._answered = True
         if delivery.stored:
             answer = delivery.response
@@ -1222,7 +1225,7 @@ class Agent:
             rejected = answer.rejected if answer is not None else []
             if answer is not None and answer.duplicate:
                 self.metrics.batches_duplicate += 1
-            self.metrics.records_shipped += pending.records - len(rejected) - lost
+            self.metrics.records_shipped += pending.records - len(rejected) - moved
             if rejected:
                 self.metrics.records_rejected += len(rejected)
                 self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
@@ -1233,12 +1236,10 @@ class Agent:
         self._acknowledge(pending)
 
     def _dead_letter(self, pending: PendingBatch, body: bytes, reason: str,
-                     rejected: list[dict[str, Any]] | None, batch_id: str | None = None) -> None:
+                     rejected: list[dict[str, Any]] | None) -> None:
         """Append the batch's records (or only the rejected ones) to
-        ``state_dir/dead-letter.ndjson``, each with the collector's reason.
-        ``body`` is ``pending``'s, or (with ``batch_id``) one sent in its stead."""
-        if batch_id is None:
-            batch_id = pending.batch_id
+        ``state_dir/dead-letter.ndjson``, each with the collector's reason."""
+        batch_id = pending.batch_id
         try:
             raw = self._decompress(body, pending.content_encoding)
             decoded = decode_msgpack_batch(raw)

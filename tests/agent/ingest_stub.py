@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from agent.parsers import SHIPPED_FORMATS, parse_shipped_lines
-from agent.wire import MULTILINE_FEATURE, Lines, Record, decode_msgpack_batch, lines_feature
+from agent.wire import MULTILINE_FEATURE, DecodedBatch, Lines, Record, decode_msgpack_batch, lines_feature
 
 
 class IngestStub:
@@ -35,6 +35,8 @@ class IngestStub:
         # A group of lines shipped as read refused whole, as the collector does
         # when it refuses the group's settings: every line rejected with the reason.
         self.refuse_group: Callable[[Lines], str | None] | None = None
+        # Called per decoded batch: None to go on, or (status, headers, body) to answer instead.
+        self.answer_batch: Callable[[DecodedBatch], tuple[int, dict[str, str], bytes] | None] | None = None
         self.delay = 0.0
         self.encodings: list[str] = []
         # As the real collector: parse lines shipped as read and say so. False
@@ -72,6 +74,11 @@ class IngestStub:
         body = await request.read()
         self.encodings.append(request.headers.get("Content-Encoding", "identity"))
         batch = decode_msgpack_batch(body)
+        if self.answer_batch is not None:
+            scripted = self.answer_batch(batch)
+            if scripted is not None:
+                status, headers, data = scripted
+                return web.Response(status=status, headers=headers, body=data, content_type="application/json")
         self.redacted_with.append(batch.redacted_with)
         features = sorted([*(lines_feature(fmt) for fmt in SHIPPED_FORMATS), MULTILINE_FEATURE]) \
             if self.lines_feature else []

@@ -6,6 +6,7 @@ a collector that stops parsing lines."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from agent.runner import RawRun, SourcePipeline, _split_items, _wire_items
 from agent.tailer import Chunk
 from agent.wire import Record
 from tests.agent.conftest import agent_config, eventually, write_lines
+from tests.agent.ingest_stub import json_answer
 
 CARD = "4111 1111 1111 1111"
 SENSITIVE = [f"card {CARD}", "ssn 123-45-6789", "mail bob@example.com", "password=hunter2",
@@ -309,6 +311,43 @@ async def test_a_collector_that_stops_reading_lines_gets_them_again_as_records(
     assert stub.lines_posts == posts, "no lines shipped as read after the collector stopped reading them"
     assert any("did not read" in r.getMessage() for r in caplog.records)
     assert not any(p.ship_lines for p in running.agent.pipelines)
+
+
+async def test_refused_lines_survive_a_stop_while_their_records_wait_for_the_collector(
+        tmp_path, stub, start_agent) -> None:
+    # The records of a refused group are spooled before the first batch is
+    # acknowledged: stopped while the collector refuses them for now, the
+    # agent sends them after a restart (the first batch, sent again, is only
+    # answered as a duplicate and says nothing of the refusal).
+    (tmp_path / "logs").mkdir()
+    regex_log, json_log = tmp_path / "logs" / "r.log", tmp_path / "logs" / "j.log"
+    sources = [{"path": str(regex_log), "source": "rx", "format": "regex",
+                "pattern": r"(?P<level>[A-Z]+) (?P<message>.*)"},
+               _json_source(tmp_path) | {"path": str(json_log)}]
+    stub.refuse_group = lambda group: "lines.pattern is not a valid RE2 regular expression: refused by test"
+    held: list[str] = []
+
+    def unavailable_for_rx_records(batch: Any) -> Any:
+        if not batch.lines and any(r.source == "rx" for _, r in batch.records):
+            held.append(batch.batch_id)
+            return json_answer(503, {"error": {"code": "unavailable", "message": "not now"}})
+        return None
+
+    stub.answer_batch = unavailable_for_rx_records
+    write_lines(json_log, _lines(0, 5))
+    cfg = agent_config(tmp_path, stub.url, sources)
+    first = await start_agent(cfg)
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
+    write_lines(regex_log, [f"WARN rx {i:03d}" for i in range(30)])
+    await eventually(lambda: len(held) >= 2, what="the records of the refused lines, retried")
+    await first.stop()
+    stub.answer_batch = None
+    second = await start_agent(cfg)
+    await eventually(lambda: len([r for r in stub.records if r.source == "rx"]) == 30, what="the refused lines")
+    await asyncio.sleep(0.3)  # a duplicate would arrive now
+    assert sorted(r.message for r in stub.records if r.source == "rx") == [f"rx {i:03d}" for i in range(30)]
+    assert set(held) == {held[0]}, "the same batch id, before and after the restart"
+    assert second.agent.metrics.records_shipped >= 30
 
 
 # A reason naming lines ("lines.…") given to some lines of a group, not all,
