@@ -988,10 +988,7 @@ def _parse_shipped_entries(parser: LineParser, joiner: MultilineJoiner, group: L
     """The records of a multiline group: its lines joined by a fresh joiner,
     as the agent's joined them (the group starts where an entry does and
     holds whole entries), each numbered by its first line."""
-    decode = parser.decode
-    entries = []
-    for line, start in zip(lines, starts, strict=True):
-        entries.extend(joiner.feed(decode(line), start, start + len(line) + 1, 0.0))
+    entries = joiner.feed_lines(lines, starts, starts[-1] + len(lines[-1]) + 1, parser.decode, 0.0) if lines else []
     entries.extend(joiner.flush())
     file = group.file
     numbered = [(bisect_left(starts, start), parser.parse_entry(first, rest, start, file))

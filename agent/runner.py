@@ -221,14 +221,10 @@ class SourcePipeline:
             records = self._redact_hits(records, chunk, body)
             end = chunk.end
         else:
-            records = []
-            decode = self.parser.decode
-            starts = chunk.starts
-            for i, line in enumerate(chunk.lines):
-                line_end = starts[i + 1] if i + 1 < len(starts) else chunk.end
-                for first, rest, start, _ in joiner.feed(decode(line), starts[i], line_end, now):
-                    records.append(self.parser.parse_entry(first, rest, start, file))
-            records = [self.redactor.redact_record(r) for r in records]
+            parse_entry = self.parser.parse_entry
+            redact = self.redactor.redact_record
+            records = [redact(parse_entry(first, rest, start, file)) for first, rest, start, _
+                       in joiner.feed_lines(chunk.lines, chunk.starts, chunk.end, self.parser.decode, now)]
             pending = joiner.pending_start
             end = chunk.end if pending is None else pending
         self.metrics.parse_errors += self.parser.errors - errors_before
@@ -316,7 +312,6 @@ class SourcePipeline:
         rfind = body.rfind
         hit_lines = sorted({base + rfind(b"\n", 0, pos) + 1 for pos in redactor.hit_positions(body, size)}) \
             if redactor.active else []
-        decode = self.parser.decode
         parse_entry = self.parser.parse_entry
         redact = redactor.redact_record
         errors_before = self.parser.errors
@@ -325,7 +320,6 @@ class SourcePipeline:
         run_first = -1  # line number (in the chunk) where the open run starts
         run_end = 0  # its end (file offset)
         entries: list[int] = []
-        last = len(lines) - 1
 
         def close_run() -> None:
             nonlocal count, run_first
@@ -339,20 +333,18 @@ class SourcePipeline:
             run_first = -1
             entries.clear()
 
-        for i, line in enumerate(lines):
-            for first, rest, start, end in joiner.feed(decode(line), starts[i], starts[i + 1] if i < last
-                                                       else chunk.end, now):
-                hit = bisect_left(hit_lines, start)
-                if start < base or (hit < len(hit_lines) and hit_lines[hit] < end):
-                    close_run()
-                    items.append(redact(parse_entry(first, rest, start, file)))
-                    count += 1
-                    continue
-                at = bisect_left(starts, start)
-                if run_first < 0:
-                    run_first = at
-                entries.append(at - run_first)
-                run_end = end
+        for first, rest, start, end in joiner.feed_lines(lines, starts, chunk.end, self.parser.decode, now):
+            hit = bisect_left(hit_lines, start)
+            if start < base or (hit < len(hit_lines) and hit_lines[hit] < end):
+                close_run()
+                items.append(redact(parse_entry(first, rest, start, file)))
+                count += 1
+                continue
+            at = bisect_left(starts, start)
+            if run_first < 0:
+                run_first = at
+            entries.append(at - run_first)
+            run_end = end
         close_run()
         self.metrics.parse_errors += self.parser.errors - errors_before
         pending = joiner.pending_start

@@ -253,7 +253,7 @@ async def test_every_line_stored_once_across_batch_boundaries(tmp_path, stub, st
     offsets = sorted(r.offset for r in stub.records)
     assert len(set(offsets)) == 300 and all(r.file == str(log) and r.host for r in stub.records)
     assert max(len(b) for b in stub.batches.values()) <= 7
-    assert running.agent.metrics.records_shipped == 300
+    await eventually(lambda: running.agent.metrics.records_shipped == 300, what="300 records shipped (acknowledged)")
     # Every batch names the rules it was redacted with (the collector skips redacting it again if they are its own).
     assert set(stub.redacted_with) == {Redactor(RedactConfig()).fingerprint}
 
@@ -569,4 +569,5 @@ async def test_lines_whose_group_the_collector_refuses_are_sent_again_as_records
     assert any("refused the lines of source rx" in r.getMessage() and "refused by test" in r.getMessage()
                for r in caplog.records)
     metrics = running.agent.metrics
-    assert metrics.records_shipped == 100 and metrics.records_rejected == 0
+    await eventually(lambda: metrics.records_shipped == 100, what="every record counted once, when acknowledged")
+    assert metrics.records_rejected == 0
