@@ -49,7 +49,7 @@ from typing import Any
 import msgspec
 
 from agent.checkpoint import CheckpointFile, CheckpointStore
-from agent.config import AgentConfig, MultilineConfig, SourceConfig
+from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
 from agent.multiline import MultilineJoiner
@@ -150,9 +150,11 @@ class SourcePipeline:
         self.parser = LineParser(cfg, host)
         self.redactor = redactor
         self.metrics = metrics
-        # Whether this source's lines can go as read: JSON in UTF-8, one line a record.
+        # Whether this source's lines can go as read (to a collector that names
+        # the format, and lines:multiline for a multiline source): UTF-8 lines
+        # whose records hold only text the raw lines' prefilter speaks for.
         self.can_ship_lines = (cfg.format in SHIPPED_FORMATS
-                               and (cfg.multiline is None or self._multiline_shippable(cfg.multiline))
+                               and (cfg.multiline is None or self._multiline_shippable())
                                and cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
                                and len(cfg.pattern or "") <= MAX_SHIPPED_PATTERN and not self._sensitive_groups())
         self.ship_lines = False
@@ -173,7 +175,7 @@ class SourcePipeline:
         return [name for name in self.parser.regex_groups()
                 if not self.parser.is_record_field(name) and self.redactor.is_sensitive_key(name)]
 
-    def _multiline_shippable(self, multiline: MultilineConfig) -> bool:
+    def _multiline_shippable(self) -> bool:
         """Whether a multiline source's entries can go as read: the text of
         their records is then the lines' own (the first line's fields, and
         the rest joined by newlines as error_stack), so the raw lines'
