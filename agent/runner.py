@@ -196,10 +196,30 @@ class SourcePipeline:
             tracked.joiner = joiner
         return joiner
 
+    def _settings_changed(self, tracked: Any, file: str | None) -> list[Record]:
+        """The entry that a joiner with other settings (this source's before
+        a reload) holds, as a record: it ends where the new settings (or none)
+        take over. Kept, the joiner would join on with the old settings, and
+        entries shipped as read would be joined again with the new ones."""
+        joiner = getattr(tracked, "joiner", None)
+        if not isinstance(joiner, MultilineJoiner) or joiner.cfg == self.cfg.multiline:
+            return []
+        tracked.joiner = None
+        parse_entry = self.parser.parse_entry
+        redact = self.redactor.redact_record
+        return [redact(parse_entry(first, rest, start, file)) for first, rest, start, _ in joiner.flush()]
+
     def process(self, tracked: Any, chunk: Chunk, file: str | None, now: float) -> tuple[list[Item], int, int]:
         """Records (or runs of lines) of a chunk, the number of lines they
         hold, and the offset up to which they cover the file (less than
         ``chunk.end`` while a multiline entry is pending)."""
+        ended = self._settings_changed(tracked, file)
+        items, count, end = self._process(tracked, chunk, file, now)
+        if ended:
+            return [*ended, *items], count + len(ended), end
+        return items, count, end
+
+    def _process(self, tracked: Any, chunk: Chunk, file: str | None, now: float) -> tuple[list[Item], int, int]:
         if self.ship_lines and file is not None and not chunk.truncated and chunk.end > chunk.base \
                 and chunk.data[chunk.end - chunk.base - 1] == 0x0A:  # not a last line without its newline
             if self.shipped_multiline is None:
@@ -380,12 +400,13 @@ class SourcePipeline:
 
     def flush(self, tracked: Any, file: str | None) -> list[Record]:
         """The pending multiline entry, as a record."""
+        ended = self._settings_changed(tracked, file)
         joiner = self.joiner_for(tracked)
         if joiner is None:
-            return []
+            return ended
         entries = joiner.flush()
         records = [self.parser.parse_entry(first, rest, start, file) for first, rest, start, _ in entries]
-        return [self.redactor.redact_record(r) for r in records]
+        return ended + [self.redactor.redact_record(r) for r in records]
 
 
 class _Marker:

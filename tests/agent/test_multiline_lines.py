@@ -258,3 +258,38 @@ def test_an_entry_ends_before_a_line_that_would_take_it_past_max_bytes() -> None
         ("y" * 6, 0), ("\tat xx", 0), ("boom", 3), ("\tat xx", 0), ("end", 0)]
     with pytest.raises(ConfigInvalid, match="max_bytes` must be at least 1KiB"):
         convert({"mode": "start", "max_bytes": 1000}, MultilineConfig)
+
+
+@pytest.mark.parametrize("ship", [True, False])
+@pytest.mark.parametrize("after", [{"mode": "start", "max_lines": 2}, None])
+def test_the_entry_in_progress_ends_where_reloaded_settings_take_over(after: dict[str, Any] | None,
+                                                                      ship: bool) -> None:
+    # A SIGHUP gives the file's lines a new pipeline: the entry the old joiner
+    # holds is a record, and the new settings (or none) join what follows. The
+    # old joiner kept joining before, with entries shipped as read joined again
+    # with the new settings; with multiline turned off, its entry was lost.
+    tracked = types.SimpleNamespace()
+    chunks = chunks_of([_line(0, "start"), _line(1, "error"), _line(2, "frame"), _line(3, "frame"),
+                        _line(4, "start"), _line(5, "frame"), _line(6, "frame"), _line(7, "frame"),
+                        _line(8, "start")], [4])
+    before = pipeline(True, mode="start")
+    first = stored(before.process(tracked, chunks[0], "/f.log", 0.0)[0])
+    assert first == [] and tracked.joiner.pending_start == chunks[0].base, "lines 0-3: pending"
+    if after is None:
+        reloaded = SourcePipeline(convert({"path": "x", "source": "app", "format": "plain"}, SourceConfig),
+                                  "host-1", Redactor(RedactConfig()), AgentMetrics())
+        reloaded.ship_lines = ship
+    else:
+        reloaded = pipeline(ship, **after)
+    items, count, _ = reloaded.process(tracked, chunks[1], "/f.log", 0.0)
+    records = stored(items) + reloaded.flush(tracked, "/f.log")
+    ended = ("request 0 done", "java.lang.IllegalStateException: state 1\n\tat com.example.Foo.bar2(Foo.java:2)\n"
+                               "\tat com.example.Foo.bar3(Foo.java:3)")
+    if after is None:  # one record a line from here on
+        expected = [ended, ("request 4 done", None), *[(_line(i, "frame"), None) for i in (5, 6, 7)],
+                    ("request 8 done", None)]
+    else:  # at most 2 lines an entry
+        expected = [ended, ("request 4 done", "\tat com.example.Foo.bar5(Foo.java:5)"),
+                    (_line(6, "frame"), "\tat com.example.Foo.bar7(Foo.java:7)"), ("request 8 done", None)]
+    assert [(r.message, r.error_stack) for r in records] == expected
+    assert count >= 1
