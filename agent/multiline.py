@@ -68,6 +68,12 @@ def _compiled(pattern: str) -> Callable[[str], bool]:
     return matches
 
 
+def _drop_trailing_blanks(rest: list[str]) -> None:
+    """An entry's trailing blank lines are not its own (they stay in its byte range)."""
+    while rest and not rest[-1].strip():
+        rest.pop()
+
+
 class MultilineJoiner:
     def __init__(self, cfg: MultilineConfig) -> None:
         self.cfg = cfg
@@ -87,8 +93,7 @@ class MultilineJoiner:
 
     def _take(self) -> Entry:
         assert self._first is not None
-        while self._rest and not self._rest[-1].strip():
-            self._rest.pop()
+        _drop_trailing_blanks(self._rest)
         entry = (self._first, self._rest, self._start, self._end)
         self._first, self._rest = None, []
         return entry
@@ -129,10 +134,8 @@ class MultilineJoiner:
                 entry_end = line_end
                 continue
             # A new entry starts here, or the current one reached max_lines or
-            # max_bytes (this line then opens the next one). Trailing blank
-            # lines are not the entry's.
-            while rest and not rest[-1].strip():
-                rest.pop()
+            # max_bytes (this line then opens the next one).
+            _drop_trailing_blanks(rest)
             out.append((first, rest, entry_start, entry_end))
             if line.strip():
                 first, rest, entry_start, entry_end = line, [], line_start, line_end
