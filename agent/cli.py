@@ -154,13 +154,16 @@ def _redact_records(path: str | None, source: str | None, fmt: str | None, patte
         from agent.multiline import MultilineJoiner
 
         joiner = MultilineJoiner(src.multiline)
+
+        def emit(entries: list[tuple[str, list[str], int, int]]) -> None:
+            for first, rest, start, _ in entries:
+                out.write(encode(redactor.redact_record(parser.parse_entry(first, rest, start, None))) + b"\n")
+
         for raw in sys.stdin.buffer:
             line = raw[:-1] if raw.endswith(b"\n") else raw
-            for first, rest, start, _ in joiner.feed(parser.decode(line), offset, offset + len(raw), 0.0):
-                out.write(encode(redactor.redact_record(parser.parse_entry(first, rest, start, None))) + b"\n")
+            emit(joiner.feed(parser.decode(line), offset, offset + len(raw), 0.0))
             offset += len(raw)
-        for first, rest, start, _ in joiner.flush():
-            out.write(encode(redactor.redact_record(parser.parse_entry(first, rest, start, None))) + b"\n")
+        emit(joiner.flush())
         return _done(out, redactor, counts)
 
     def flush() -> None:
