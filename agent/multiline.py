@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import re2
 
 from agent.config import MultilineConfig
+from agent.re2direct import UNANCHORED as _UNANCHORED
 
 # The built-in patterns spell RE2's classes out (\s is [\t\n\f\r ], \d [0-9],
 # \w [0-9A-Za-z_]) so that Python's re, which runs them (see _compiled), reads
@@ -36,8 +36,6 @@ DEFAULT_START = r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|\[|\{|[A-Z][a-z]{2} [ 0-9][0-9]
 Entry = tuple[str, list[str], int, int]
 
 
-_UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
-                           "UNANCHORED", None)
 
 
 @functools.lru_cache(maxsize=64)

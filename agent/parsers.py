@@ -36,11 +36,9 @@ import re2
 from agent.config import MultilineConfig, SourceConfig
 from agent.configfile import ByteSize
 from agent.multiline import MultilineJoiner
+from agent.re2direct import UNANCHORED as _UNANCHORED
 from agent.wire import Level, Lines, LinesMultiline, parse_level, parse_timestamp
 from agent.wire import Record as Record
-
-_UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
-                           "UNANCHORED", None)
 
 # The collector refuses longer messages and contexts (data-model: message max
 # 10KB, context max 50KB); cutting here keeps the rest of the record.

@@ -33,6 +33,7 @@ import msgspec
 import re2
 
 from agent.config import RedactConfig, without_boundaries
+from agent.re2direct import UNANCHORED as _UNANCHORED
 from agent.wire import Record
 
 _OPTIONS = re2.Options()
@@ -44,8 +45,6 @@ def _compile(pattern: str | bytes) -> Any:
     return re2.compile(pattern, _OPTIONS)
 
 
-_UNANCHORED: Any = getattr(getattr(getattr(getattr(re2, "_re2", None), "RE2", None), "Anchor", None),
-                           "UNANCHORED", None)
 _NO_MATCH = (-1, -1)
 
 
