@@ -338,6 +338,7 @@ async def test_refused_lines_survive_a_stop_while_their_records_wait_for_the_col
     cfg = agent_config(tmp_path, stub.url, sources)
     first = await start_agent(cfg)
     await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
+    await eventually(lambda: all(p.ship_lines for p in first.agent.pipelines), what="the collector's formats")
     write_lines(regex_log, [f"WARN rx {i:03d}" for i in range(30)])
     await eventually(lambda: len(held) >= 2, what="the records of the refused lines, retried")
     await first.stop()
@@ -548,7 +549,8 @@ async def test_lines_whose_group_the_collector_refuses_are_sent_again_as_records
     write_lines(json_log, _lines(0, 5))
     running = await start_agent(agent_config(tmp_path, stub.url, sources))
     await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
-    assert all(p.ship_lines for p in running.agent.pipelines)
+    # (The answer reaches the agent after the stub stored the records.)
+    await eventually(lambda: all(p.ship_lines for p in running.agent.pipelines), what="the collector's formats")
     with caplog.at_level(logging.ERROR, logger="logferry.agent"):
         write_lines(regex_log, [f"WARN rx {i:03d}" for i in range(40)])
         await eventually(lambda: len(stub.messages()) == 45, what="the refused lines, sent again")
