@@ -16,6 +16,11 @@ by the same INSERT that stores the logs (a materialized view into
 unknown, and the journal's flushes and replay skip the batches already
 stored (Storage.logs_not_stored). A batch this collector remembers (the last
 200,000, and after a restart the last hour's) is answered ``duplicate: true``.
+
+A duplicate's answer carries the records the first request rejected: they
+are stored (``ingest_rejections``, through the journal) before the batch's
+rows, so an agent that lost the first answer (a crash, a dropped
+connection) still learns what to dead-letter.
 """
 
 from __future__ import annotations
@@ -184,7 +189,9 @@ class LogWriter:
         self.batches = TableWriter(storage, "ingest_batches", interval=config.flush_interval,
                                    max_pending_rows=1_000_000)
         self.storage = storage
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # batch id → whether rejections of it are stored (None: not known here;
+        # storage is asked when a duplicate of it needs its answer).
+        self._seen: OrderedDict[str, bool | None] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_ingested_ms = 0
 
@@ -196,8 +203,8 @@ class LogWriter:
         await self.logs.stop()
         await self.batches.stop()
 
-    def _remember(self, batch_id: str) -> None:
-        self._seen[batch_id] = None
+    def _remember(self, batch_id: str, rejections: bool | None = None) -> None:
+        self._seen[batch_id] = rejections
         if len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
 
@@ -208,9 +215,25 @@ class LogWriter:
         rows = await self.storage.query(
             "SELECT batch_id FROM ingest_batches WHERE received_at >= now64(3) - toIntervalSecond({w:UInt32}) "
             "ORDER BY received_at DESC LIMIT {n:UInt32}", {"w": int(window), "n": SEEN_MAX})
+        rejections = await self.storage.query(
+            "SELECT DISTINCT batch_id FROM ingest_rejections "
+            "WHERE received_at >= now64(3) - toIntervalSecond({w:UInt32})", {"w": int(window)})
+        with_rejections = {row["batch_id"] for row in rejections}
         for row in reversed(rows):  # the newest are remembered last, so forgotten last
-            self._remember(row["batch_id"])
+            self._remember(row["batch_id"], row["batch_id"] in with_rejections)
         return len(rows)
+
+    async def stored_rejections(self, batch_id: str) -> list[dict[str, Any]]:
+        """What the request that stored ``batch_id`` answered in ``rejected``
+        (for a duplicate's answer)."""
+        if self._seen.get(batch_id) is False:
+            return []
+        rows = await self.storage.query(
+            "SELECT rejected FROM ingest_rejections FINAL WHERE batch_id = {b:String} LIMIT 1", {"b": batch_id})
+        if not rows:
+            return []
+        found = orjson.loads(rows[0]["rejected"])
+        return found if isinstance(found, list) else []
 
     async def already_stored(self, batch_id: str) -> bool:
         """Whether the batch is stored. With the journal this asks memory only:
@@ -271,11 +294,12 @@ class LogWriter:
         await self._store(rows)
 
     async def write_batch(self, batch_id: str, agent_id: str, rows: Sequence[Mapping[str, Any]], *,
-                          checked: bool = False) -> bool:
+                          checked: bool = False, rejected: Sequence[Mapping[str, Any]] = ()) -> bool:
         """Store a batch's rows once; False if the batch was already stored.
         ``checked``: the caller found the batch id unknown to storage (with
         :meth:`already_stored`) just before; only a concurrent request with the
-        same id can have stored it since, and that one is remembered here."""
+        same id can have stored it since, and that one is remembered here.
+        ``rejected``: the batch's rejections, stored first (:meth:`stored_rejections`)."""
         if not batch_id:
             await self._store(rows)
             return True
@@ -284,6 +308,13 @@ class LogWriter:
             async with lock:
                 if batch_id in self._seen or (not checked and await self.already_stored(batch_id)):
                     return False
+                if rejected:
+                    # Before the rows: once a resend can be answered as a
+                    # duplicate, its answer can say what was rejected.
+                    await self.storage.insert_rows("ingest_rejections", [{
+                        "batch_id": batch_id, "received_at": _ts(dt.datetime.now(dt.UTC)),
+                        "rejected": orjson.dumps(list(rejected)).decode(),
+                    }])
                 if rows:
                     # The insert that stores the rows records the batch too
                     # (the ingest_batches_from_logs view, migration 16).
@@ -294,7 +325,7 @@ class LogWriter:
                         "batch_id": batch_id, "agent_id": agent_id, "accepted": 0,
                         "received_at": _ts(dt.datetime.now(dt.UTC)),
                     }])
-                self._remember(batch_id)
+                self._remember(batch_id, bool(rejected))
                 return True
         finally:
             if not lock.locked() and self._locks.get(batch_id) is lock:
@@ -541,6 +572,20 @@ def stored_events(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return events
 
 
+async def duplicate_answer(app: web.Application, batch_id: str) -> web.StreamResponse:
+    """The answer to a batch stored before: nothing stored again, and the
+    rejections the first answer carried, for an agent that never got it."""
+    app[appkeys.METRICS].inc("logferry_ingest_duplicate_batches_total")
+    try:
+        rejected = await app[appkeys.LOG_WRITER].stored_rejections(batch_id)
+    except Exception as exc:
+        log.error("ingest: cannot read a duplicate's rejections", extra={"error": str(exc)[:300]})
+        return json_error(503, "storage_unavailable", "storage is not answering; retry later",
+                          headers={"Retry-After": "2"})
+    return web.Response(body=orjson.dumps({"accepted": 0, "rejected": rejected, "duplicate": True,
+                                           "features": FEATURES}), content_type="application/json")
+
+
 @requires("ingest", "admin")
 async def handle_ingest(request: web.Request) -> web.StreamResponse:
     """POST /v1/ingest (ingest or admin token)."""
@@ -576,8 +621,7 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
     if batch.batch_id and len(batch.batch_id) > 128:
         return json_error(400, "bad_request", "batch_id: longer than 128 characters")
     if batch.batch_id and await writer.already_stored(batch.batch_id):
-        metrics.inc("logferry_ingest_duplicate_batches_total")
-        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES})
+        return await duplicate_answer(app, batch.batch_id)
     # Agents redact before shipping: a batch redacted with the same rules as
     # this collector's has nothing left to find (but in the records of
     # JOINED_FORMATS lines). Everything else is redacted here.
@@ -594,7 +638,7 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
             metrics.inc("logferry_ingest_parse_errors_total", parse_errors)
     rows, rejected = await build_rows_in_slices(batch, redactor, app[appkeys.RETENTION])
     try:
-        stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows, checked=True)
+        stored = await writer.write_batch(batch.batch_id, batch.agent_id, rows, checked=True, rejected=rejected)
     except Overloaded:
         metrics.inc("logferry_ingest_throttled_total")
         return json_error(429, "overloaded", "the collector is busy storing; retry later",
@@ -604,8 +648,7 @@ async def handle_ingest(request: web.Request) -> web.StreamResponse:
         return json_error(503, "storage_unavailable", "storage is not accepting writes; retry later",
                           headers={"Retry-After": "2"})
     if not stored:
-        metrics.inc("logferry_ingest_duplicate_batches_total")
-        return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": FEATURES})
+        return await duplicate_answer(app, batch.batch_id)
     metrics.inc("logferry_ingest_records_total", len(rows))
     metrics.inc("logferry_ingest_rejected_total", len(rejected))
     events = app[appkeys.EVENTS]

@@ -52,11 +52,13 @@ log = logging.getLogger("logferry.journal")
 
 #: Tables that may go through the journal: each is a ReplacingMergeTree whose
 #: rows carry everything that decides which copy wins (the ``version`` column,
-#: or for email_idempotency an immutable key → email id), so replaying a record
+#: for email_idempotency an immutable key → email id, for ingest_rejections a
+#: batch id → what its first request rejected), so replaying a record
 #: whose rows already reached ClickHouse changes nothing. A plain MergeTree
 #: (email_events) must not be added here: a replay would duplicate its rows.
 JOURNALED_TABLES: tuple[str, ...] = (
     "notifications", "notification_deliveries", "email_messages", "email_outbox", "email_idempotency",
+    "ingest_rejections",
 )
 
 #: A plain MergeTree may still be journaled when the journal is given a

@@ -126,4 +126,16 @@ MIGRATIONS = [
         "ALTER TABLE application_logs ADD INDEX IF NOT EXISTS idx_ingested ingested_at TYPE minmax GRANULARITY 4",
         "ALTER TABLE application_logs MATERIALIZE INDEX idx_ingested",
     )),
+    Migration(19, "a resent batch is answered with the records its first request rejected", (
+        # One row per batch with rejections (a JSON array of {index, error}),
+        # kept as long as ingest_batches. Journaled: a row written twice is
+        # the same row, so a replay changes nothing.
+        """CREATE TABLE IF NOT EXISTS ingest_rejections (
+            batch_id String,
+            received_at DateTime64(3, 'UTC'),
+            rejected String CODEC(ZSTD(3))
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY batch_id
+        TTL toDateTime(received_at) + INTERVAL 7 DAY""",
+    )),
 ]

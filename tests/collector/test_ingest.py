@@ -213,7 +213,37 @@ async def test_a_batch_whose_every_record_was_rejected_is_a_duplicate_when_resen
     body = encode_batch(batch([rec(level="LOUD")], batch_id="all-bad"))
     first = await (await ingest(body)).json()
     assert first["accepted"] == 0 and first["duplicate"] is False and len(first["rejected"]) == 1
-    assert (await (await ingest(body)).json())["duplicate"] is True
+    again = await (await ingest(body)).json()
+    assert again["duplicate"] is True and again["rejected"] == first["rejected"]
+
+
+@pytest.mark.parametrize("journal", ["on", "off"])
+async def test_a_resent_batch_is_answered_with_what_its_first_request_rejected(make_client, make_config, tokens,
+                                                                             storage, chdb_dsn, journal):
+    """An agent that lost the first answer (it crashed before writing its
+    dead-letter file, or the connection dropped) learns from the resend's
+    answer which records to dead-letter, even from a restarted collector."""
+    storage_config: dict[str, Any] = {"dsn": chdb_dsn, "database": "unused"}
+    if journal == "off":
+        storage_config["journal"] = "off"
+    token = tokens.create("ingest")
+    headers = {**MSGPACK, **tokens.headers(token)}
+    body = encode_batch(batch([rec("kept"), rec(level="LOUD"), rec("kept too"), rec(timestamp="soon")],
+                              batch_id="half-bad"))
+    first = await make_client(make_config(storage=storage_config))
+    answer = await (await first.post("/v1/ingest", data=body, headers=headers)).json()
+    assert answer["accepted"] == 2 and answer["duplicate"] is False
+    assert [r["index"] for r in answer["rejected"]] == [1, 3]
+    again = await (await first.post("/v1/ingest", data=body, headers=headers)).json()
+    assert again == {"accepted": 0, "rejected": answer["rejected"], "duplicate": True, "features": FEATURES}
+    clean = encode_batch(batch([rec("all good")], batch_id="clean"))
+    assert (await (await first.post("/v1/ingest", data=clean, headers=headers)).json())["rejected"] == []
+    await first.close()
+    second = await make_client(make_config(storage=storage_config))  # a new collector on the same storage
+    after = await (await second.post("/v1/ingest", data=body, headers=headers)).json()
+    assert after == {"accepted": 0, "rejected": answer["rejected"], "duplicate": True, "features": FEATURES}
+    assert (await (await second.post("/v1/ingest", data=clean, headers=headers)).json())["rejected"] == []
+    assert [r["message"] for r in await stored(storage)] == ["all good", "kept", "kept too"]
 
 
 async def test_concurrent_copies_of_one_batch_store_it_once(ingest, storage):

@@ -211,6 +211,8 @@ def _rows_of_every_journaled_table() -> dict[str, dict[str, Any]]:
                          "version": new_version()},
         "email_idempotency": {"key": f"notification:{n.id}:email", "email_id": email_id,
                               "created_at": ch_time(now)},
+        "ingest_rejections": {"batch_id": str(uuid.uuid4()), "received_at": ch_time(now),
+                              "rejected": '[{"index": 0, "error": "level: \'LOUD\' is not a level"}]'},
     }
 
 
