@@ -11,6 +11,7 @@ the oldest beyond ``keep`` is deleted), so the newest entries are always in
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +27,23 @@ class DeadLetterFile:
 
     def rotated(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
+
+    def holds(self, batch_id: str) -> bool:
+        """Whether an entry of ``batch_id`` is in this file or a rotated one
+        (a resent batch whose rejections were dead-lettered before the agent
+        stopped, and its checkpoint did not move past it)."""
+        needle = b'"batch_id":' + json.dumps(batch_id, ensure_ascii=False).encode()
+        for path in (self.path, *(self.rotated(n) for n in range(1, self.keep + 1))):
+            try:
+                with open(path, "rb") as dead:
+                    tail = b""
+                    while chunk := dead.read(1 << 20):
+                        if needle in tail + chunk:
+                            return True
+                        tail = chunk[-len(needle):]
+            except FileNotFoundError:
+                continue
+        return False
 
     def append(self, data: bytes) -> None:
         """Append ``data`` (whole lines) durably, rotating first if it would pass the cap."""

@@ -1241,7 +1241,12 @@ class Agent:
             if answer is not None and answer.duplicate:
                 self.metrics.batches_duplicate += 1
             self.metrics.records_shipped += pending.records - len(rejected) - moved
-            if rejected:
+            if rejected and answer is not None and answer.duplicate and self._dead_letters().holds(pending.batch_id):
+                # Dead-lettered by the first answer, before the agent stopped
+                # short of moving its checkpoint past the batch.
+                log.info("batch %s was resent; its %d rejected records are in the dead-letter file already",
+                         pending.batch_id, len(rejected))
+            elif rejected:
                 self.metrics.records_rejected += len(rejected)
                 self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
         else:
@@ -1283,9 +1288,11 @@ class Agent:
         if not records:
             lines.append(encoder.encode({"time": now, "batch_id": batch_id, "reason": reason,
                                          "body_hex": body[:65536].hex()}))
+        self._dead_letters().append(b"\n".join(lines) + b"\n")
+
+    def _dead_letters(self) -> DeadLetterFile:
         cap = self.cfg.dead_letter
-        DeadLetterFile(self.state_dir / "dead-letter.ndjson", cap.max_bytes, cap.keep).append(
-            b"\n".join(lines) + b"\n")
+        return DeadLetterFile(self.state_dir / "dead-letter.ndjson", cap.max_bytes, cap.keep)
 
     @staticmethod
     def _decompress(body: bytes, encoding: str) -> bytes:

@@ -27,6 +27,7 @@ class IngestStub:
     def __init__(self, token: str = "test-token") -> None:
         self.token = token
         self.batches: dict[str, list[Record]] = {}
+        self.rejections: dict[str, list[dict[str, Any]]] = {}  # batch id → its first answer's `rejected`
         self.posts = 0
         self.duplicates = 0
         # Called per request; return None to store, or (status, headers, body) to answer instead.
@@ -38,6 +39,9 @@ class IngestStub:
         # Called per decoded batch: None to go on, or (status, headers, body) to answer instead.
         self.answer_batch: Callable[[DecodedBatch], tuple[int, dict[str, str], bytes] | None] | None = None
         self.delay = 0.0
+        # Answers still to lose: the batch is stored, then the connection is
+        # closed unanswered (a collector or network dying between the two).
+        self.lose_answers = 0
         self.encodings: list[str] = []
         # As the real collector: parse lines shipped as read and say so. False
         # plays an older collector, which ignores them and does not say it.
@@ -102,7 +106,9 @@ class IngestStub:
         with self.lock:
             if batch.batch_id in self.batches:
                 self.duplicates += 1
-                return web.json_response({"accepted": 0, "rejected": [], "duplicate": True, "features": features})
+                # As the real collector: a resend learns what the first request rejected.
+                return web.json_response({"accepted": 0, "rejected": self.rejections.get(batch.batch_id, []),
+                                          "duplicate": True, "features": features})
             stored: list[Record] = []
             rejected: list[dict[str, Any]] = [{"index": i, "error": e} for i, e in batch.errors]
             for index, record in batch.records:
@@ -112,6 +118,14 @@ class IngestStub:
                 else:
                     stored.append(record)
             self.batches[batch.batch_id] = stored
+            if rejected:
+                self.rejections[batch.batch_id] = rejected
+            lost = self.lose_answers > 0
+            if lost:
+                self.lose_answers -= 1
+        if lost and request.transport is not None:
+            request.transport.close()
+            return web.Response(status=200)  # never reaches the closed connection
         answer: dict[str, Any] = {"accepted": len(stored), "rejected": rejected, "duplicate": False,
                                   "features": features}
         if lines:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,81 @@ async def test_the_agent_rotates_its_dead_letter_file(tmp_path, stub, start_agen
     assert messages[-1] == "doomed 059"  # the newest entry is in the current file
     assert messages == [f"doomed {i:03d}" for i in range(60 - len(messages), 60)]
     assert all(p.stat().st_size <= 1024 for p in files)
+
+
+def test_holds_finds_a_batch_in_the_current_or_a_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.ndjson"
+    dead = DeadLetterFile(path, max_bytes=4 * 1024 * 1024, keep=2)
+    assert not dead.holds("b-1")  # no file yet
+    pad = b"x" * ((1 << 20) - 20)  # puts the next entry across the 1 MiB read boundary
+    dead.append(pad + b"\n" + json.dumps({"batch_id": "b-1", "index": 0}, separators=(",", ":")).encode() + b"\n")
+    assert dead.holds("b-1") and not dead.holds("b-10") and not dead.holds("b-")
+    dead.rotate()
+    dead.append(b'{"batch_id":"b-2","index":3}\n')
+    assert dead.holds("b-1") and dead.holds("b-2")  # .1 and the current file
+    dead.rotate()
+    dead.append(b'{"batch_id":"b-3","index":0}\n')
+    dead.rotate()  # b-1 went with .2, beyond keep
+    assert not dead.holds("b-1") and dead.holds("b-2") and dead.holds("b-3")
+
+
+def dead_letters(state: Path) -> list[dict[str, object]]:
+    path = state / "dead-letter.ndjson"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_rejections_of_a_batch_whose_answer_was_lost_are_dead_lettered(tmp_path, stub, start_agent) -> None:
+    """The collector stored the batch, then the connection dropped before its
+    answer: the resend is answered as a duplicate carrying the rejections,
+    which are dead-lettered once."""
+    stub.reject = lambda r: "refused: too loud" if "LOUD" in r.message else None
+    stub.lose_answers = 1
+    (tmp_path / "logs").mkdir()
+    write_lines(tmp_path / "logs" / "a.log", ["fine 1", "LOUD 2", "fine 3"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], collector={"max_in_flight": 1})
+    running = await start_agent(cfg)
+    await eventually(lambda: running.agent.metrics.records_rejected == 1, what="the rejection dead-lettered")
+    assert stub.duplicates == 1 and stub.lose_answers == 0
+    entries = dead_letters(tmp_path / "state")
+    assert [(e["record"]["message"], e["reason"]) for e in entries] == [("LOUD 2", "refused: too loud")]  # type: ignore[index]
+    assert sorted(stub.messages()) == ["fine 1", "fine 3"]
+
+
+async def test_a_resent_batch_already_dead_lettered_is_not_dead_lettered_again(tmp_path, stub, start_agent) -> None:
+    """The agent wrote the rejections to the dead-letter file and stopped
+    before acknowledging the batch: the resend's duplicate answer names the
+    same rejections, and the file keeps one copy of them."""
+    sent: list[str] = []
+
+    def unavailable(batch: Any) -> tuple[int, dict[str, str], bytes]:
+        sent.append(batch.batch_id)
+        return 503, {"Retry-After": "1"}, b'{"error": {"code": "storage_unavailable", "message": "later"}}'
+
+    stub.answer_batch = unavailable
+    (tmp_path / "logs").mkdir()
+    write_lines(tmp_path / "logs" / "a.log", ["fine 1", "LOUD 2"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], collector={"max_in_flight": 1})
+    running = await start_agent(cfg)
+    await eventually(lambda: bool(sent), what="the batch sent")
+    await running.stop()  # unacknowledged: it stays in the spool
+    batch_id = sent[0]
+    # What the stopped agent had done, and the collector too: the entry is in
+    # a rotated dead-letter file by now; the collector stored the batch.
+    state = tmp_path / "state"
+    earlier = {"time": 1.0, "batch_id": batch_id, "index": 1, "reason": "refused: too loud",
+               "record": {"timestamp": "", "level": "", "source": "app", "message": "LOUD 2"}}
+    (state / "dead-letter.ndjson.1").write_text(json.dumps(earlier, separators=(",", ":")) + "\n")
+    other = {**earlier, "batch_id": "another-batch"}
+    (state / "dead-letter.ndjson").write_text(json.dumps(other, separators=(",", ":")) + "\n")
+    with stub.lock:
+        stub.batches[batch_id] = []
+        stub.rejections[batch_id] = [{"index": 1, "error": "refused: too loud"}]
+    stub.answer_batch = None
+    again = await start_agent(cfg)
+    await eventually(lambda: again.agent.metrics.batches_duplicate == 1, what="the duplicate answer")
+    assert stub.duplicates == 1
+    assert dead_letters(state) == [other]
+    assert again.agent.metrics.records_rejected == 0
+    assert [json.loads(line) for line in (state / "dead-letter.ndjson.1").read_text().splitlines()] == [earlier]
