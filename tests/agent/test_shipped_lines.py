@@ -471,6 +471,7 @@ def test_syslog_lines_without_a_sane_utc_offset_are_refused_by_name(offset: int 
 
 def test_the_local_time_of_one_syslog_group_does_not_leak_into_the_next() -> None:
     line = [b"<34>Jun  1 12:00:00 web su: x"]
+    parsers._SHIPPED_PARSERS.clear()  # other tests in this process cached syslog parsers of their own
     parse_shipped_lines(syslog_group(line, IST), HOST)
     [parser] = [p for key, p in parsers._SHIPPED_PARSERS.items() if key[0] == "sys"]
     assert parser.fixed_local_now is None and parser.fixed_now is None
