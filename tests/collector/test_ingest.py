@@ -390,3 +390,23 @@ def test_the_fast_timestamp_path_agrees_with_the_general_parser() -> None:
         assert _stored_time(value) == general(value)
 
     agree()
+
+
+@pytest.mark.parametrize("kind", ["msgpack", "json"])
+def test_a_batch_decodes_to_the_same_records_whole_or_one_record_at_a_time(kind: str) -> None:
+    """Valid batches are decoded in one call; one bad record makes the decoder
+    go record by record. Either way every record keeps its index."""
+    from agent.wire import decode_json_batch, decode_msgpack_batch
+
+    good = [msgspec.to_builtins(rec(f"r{i}", tags=["t"], context={"i": i})) for i in range(5)]
+    bad = [*good[:2], {**good[2], "level": 7}, *good[3:]]
+    encode = msgspec.msgpack.encode if kind == "msgpack" else msgspec.json.encode
+    decode = decode_msgpack_batch if kind == "msgpack" else decode_json_batch
+    whole = decode(encode({"agent_id": "a", "batch_id": "b", "host": "h", "records": good}))
+    assert [(i, r.message) for i, r in whole.records] == [(i, f"r{i}") for i in range(5)]
+    assert whole.errors == [] and whole.records[4][1].context == {"i": 4} and whole.batch_id == "b"
+    split = decode(encode({"agent_id": "a", "batch_id": "b", "host": "h", "records": bad}))
+    assert [i for i, _ in split.records] == [0, 1, 3, 4] and [i for i, _ in split.errors] == [2]
+    assert [r for i, r in split.records] == [r for i, r in whole.records if i != 2]
+    if kind == "msgpack":
+        assert (whole.lines_index, split.lines_index) == (5, 5)
