@@ -317,8 +317,9 @@ async def test_refused_lines_survive_a_stop_while_their_records_wait_for_the_col
         tmp_path, stub, start_agent) -> None:
     # The records of a refused group are spooled before the first batch is
     # acknowledged: stopped while the collector refuses them for now, the
-    # agent sends them after a restart (the first batch, sent again, is only
-    # answered as a duplicate and says nothing of the refusal).
+    # agent sends them after a restart (the first batch, sent again, is
+    # answered as a duplicate that repeats the refusal; the replacement it
+    # makes again has the spooled one's id, so the records are stored once).
     (tmp_path / "logs").mkdir()
     regex_log, json_log = tmp_path / "logs" / "r.log", tmp_path / "logs" / "j.log"
     sources = [{"path": str(regex_log), "source": "rx", "format": "regex",
@@ -349,6 +350,29 @@ async def test_refused_lines_survive_a_stop_while_their_records_wait_for_the_col
     assert sorted(r.message for r in stub.records if r.source == "rx") == [f"rx {i:03d}" for i in range(30)]
     assert set(held) == {held[0]}, "the same batch id, before and after the restart"
     assert second.agent.metrics.records_shipped >= 30
+
+
+async def test_refused_lines_whose_answer_was_lost_are_sent_again_as_records(tmp_path, stub, start_agent) -> None:
+    # The collector refused a group of lines and its answer never arrived: the
+    # resend is answered as a duplicate that carries the refusal, so the lines
+    # are parsed here and sent as records instead of being lost.
+    (tmp_path / "logs").mkdir()
+    regex_log, json_log = tmp_path / "logs" / "r.log", tmp_path / "logs" / "j.log"
+    sources = [{"path": str(regex_log), "source": "rx", "format": "regex",
+                "pattern": r"(?P<level>[A-Z]+) (?P<message>.*)"},
+               _json_source(tmp_path) | {"path": str(json_log)}]
+    stub.refuse_group = lambda group: ("lines.pattern is not a valid RE2 regular expression: refused by test"
+                                       if group.source == "rx" else None)
+    write_lines(json_log, _lines(0, 5))
+    agent = await start_agent(agent_config(tmp_path, stub.url, sources))
+    await eventually(lambda: len(stub.messages()) == 5, what="the first batch, which learns the collector's formats")
+    await eventually(lambda: all(p.ship_lines for p in agent.agent.pipelines), what="the collector's formats")
+    stub.lose_answers = 1
+    write_lines(regex_log, [f"WARN rx {i:03d}" for i in range(30)])
+    await eventually(lambda: len([r for r in stub.records if r.source == "rx"]) == 30, what="the refused lines")
+    assert stub.lose_answers == 0 and stub.duplicates == 1
+    assert sorted(r.message for r in stub.records if r.source == "rx") == [f"rx {i:03d}" for i in range(30)]
+    assert not (tmp_path / "state" / "dead-letter.ndjson").exists()
 
 
 # A reason naming lines ("lines.…") given to some lines of a group, not all,
