@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -84,6 +87,84 @@ def test_agent_ships_every_appended_line_to_the_collector_redacted(collector_pro
         [f"line {i:06d}" for i in range(200)] + [f"line {i:06d} card [REDACTED:credit_card]" for i in range(200, 300)])
     assert all(log["level"] == "INFO" and log["source"] == agent.source for log in logs)
     assert agent.signal(signal.SIGTERM) == 0
+
+
+class AnswerDroppingProxy:
+    """Passes ``POST /v1/ingest`` on to a collector; the first ``drop``
+    successful answers are not passed back: the connection closes once the
+    collector has stored the batch (a network or a load balancer failing)."""
+
+    def __init__(self, collector: Any, drop: int) -> None:
+        self.ingest_token = collector.ingest_token
+        self.dropped = 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                forwarded = {name: value for name, value in self.headers.items()
+                             if name.lower() in ("authorization", "content-type", "content-encoding")}
+                request = urllib.request.Request(collector.url + self.path, data=body, headers=forwarded)
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as answer:
+                        status, data, headers = answer.status, answer.read(), answer.headers
+                except urllib.error.HTTPError as refused:
+                    status, data, headers = refused.code, refused.read(), refused.headers
+                with lock:
+                    lose = status == 200 and proxy.dropped < drop
+                    proxy.dropped += lose
+                if lose:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(status)
+                for name in ("Content-Type", "Retry-After"):
+                    if headers.get(name):
+                        self.send_header(name, headers[name])
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_rejections_whose_answer_was_lost_are_dead_lettered_once(collector_process, agent_process) -> None:
+    """The collector stored a batch and rejected one of its records; the
+    answer was lost. The agent's resend is answered as a duplicate carrying
+    that rejection: the record is dead-lettered, the rest stored once."""
+    proxy = AnswerDroppingProxy(collector_process, drop=1)
+    try:
+        agent = agent_process(proxy)
+        app = agent.logs / "app.log"
+        json_lines(app, 0, 20)
+        with app.open("a") as out:
+            out.write(json.dumps({"ts": "2099-01-01T00:00:00Z", "level": "info", "msg": "from the future"}) + "\n")
+        json_lines(app, 20, 40)
+        agent.start()
+        wait_for(lambda: len(stored(collector_process, agent.source)) == 40, what="40 stored logs")
+        dead = agent.workdir / "state" / "dead-letter.ndjson"
+        wait_for(dead.exists, what="the dead-letter file")
+        assert agent.signal(signal.SIGTERM) == 0
+        entries = [json.loads(line) for line in dead.read_text().splitlines()]
+        assert [entry["record"]["message"] for entry in entries] == ["from the future"]
+        assert "future" in entries[0]["reason"]
+        assert proxy.dropped == 1
+        assert sorted(log["message"] for log in stored(collector_process, agent.source)) == \
+            [f"line {i:06d}" for i in range(40)]
+    finally:
+        proxy.close()
 
 
 def test_kill_9_during_shipping_then_restart_stores_every_line_exactly_once(
