@@ -137,6 +137,8 @@ async def test_rejections_of_a_batch_whose_answer_was_lost_are_dead_lettered(tmp
     entries = dead_letters(tmp_path / "state")
     assert [(e["record"]["message"], e["reason"]) for e in entries] == [("LOUD 2", "refused: too loud")]  # type: ignore[index]
     assert sorted(stub.messages()) == ["fine 1", "fine 3"]
+    # What the agent writes is what it looks for before writing a resent batch again.
+    assert DeadLetterFile(tmp_path / "state" / "dead-letter.ndjson", 1 << 20, 3).holds(str(entries[0]["batch_id"]))
 
 
 async def test_a_resent_batch_already_dead_lettered_is_not_dead_lettered_again(tmp_path, stub, start_agent) -> None:
