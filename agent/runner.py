@@ -40,11 +40,11 @@ import time
 import uuid
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from operator import add
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -78,6 +78,7 @@ from agent.wire import (
 )
 
 log = logging.getLogger("logferry.agent")
+T = TypeVar("T")
 
 
 class RawRun:
@@ -580,6 +581,7 @@ class Agent:
         self._to_spool: list[tuple[SpooledBatch, PendingBatch]] = []
         self._durable_waiters: dict[int, asyncio.Future[None]] = {}  # spool seq -> set once written
         self._spool_writing = False
+        self._dead_letter_lock = asyncio.Lock()
         # Bytes of closed batches not yet written to the spool, and the largest
         # batch body so far: spool.max_bytes holds only while reading stops
         # before one more batch could take the spool past it.
@@ -1144,7 +1146,7 @@ class Agent:
             except Stopped:
                 self._queue.appendleft(pending)
                 return
-            self._delivered(pending, body, delivery, moved)
+            await self._delivered(pending, body, delivery, moved)
             pending.body = None
 
     async def _resend_as_records(self, pending: PendingBatch, body: bytes, answer: IngestResponse) -> int:
@@ -1230,7 +1232,11 @@ class Agent:
                 and (p.shipped_multiline is None or MULTILINE_FEATURE in self._lines_features)
         self._lines_known = able
 
-    def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, moved: int = 0) -> None:
+    async def _delivered(self, pending: PendingBatch, body: bytes, delivery: Delivery, moved: int = 0) -> None:
+        # The dead-letter file's reads and fsynced appends run in a thread:
+        # holds() may scan every rotated file, and the loop goes on reading
+        # and shipping meanwhile. The batch is acknowledged (its checkpoint
+        # may move) only once its rejections are durably in the file.
         self._answered = True
         if delivery.stored:
             answer = delivery.response
@@ -1241,22 +1247,23 @@ class Agent:
             if answer is not None and answer.duplicate:
                 self.metrics.batches_duplicate += 1
             self.metrics.records_shipped += pending.records - len(rejected) - moved
-            if rejected and answer is not None and answer.duplicate and self._dead_letters().holds(pending.batch_id):
+            if rejected and answer is not None and answer.duplicate and await self._dead_letter_io(
+                    self._dead_letters().holds, pending.batch_id):
                 # Dead-lettered by the first answer, before the agent stopped
                 # short of moving its checkpoint past the batch.
                 log.info("batch %s was resent; its %d rejected records are in the dead-letter file already",
                          pending.batch_id, len(rejected))
             elif rejected:
-                self.metrics.records_rejected += len(rejected)
-                self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
+                await self._dead_letter(pending, body, f"HTTP {delivery.status}: rejected", rejected)
+                self.metrics.records_rejected += len(rejected)  # counted once in the file
         else:
-            self.metrics.batches_dead_lettered += 1
             log.error("batch %s dead-lettered: %s", pending.batch_id, delivery.reason)
-            self._dead_letter(pending, body, delivery.reason, None)
+            await self._dead_letter(pending, body, delivery.reason, None)
+            self.metrics.batches_dead_lettered += 1
         self._acknowledge(pending)
 
-    def _dead_letter(self, pending: PendingBatch, body: bytes, reason: str,
-                     rejected: list[dict[str, Any]] | None) -> None:
+    async def _dead_letter(self, pending: PendingBatch, body: bytes, reason: str,
+                           rejected: list[dict[str, Any]] | None) -> None:
         """Append the batch's records (or only the rejected ones) to
         ``state_dir/dead-letter.ndjson``, each with the collector's reason."""
         batch_id = pending.batch_id
@@ -1288,7 +1295,13 @@ class Agent:
         if not records:
             lines.append(encoder.encode({"time": now, "batch_id": batch_id, "reason": reason,
                                          "body_hex": body[:65536].hex()}))
-        self._dead_letters().append(b"\n".join(lines) + b"\n")
+        await self._dead_letter_io(self._dead_letters().append, b"\n".join(lines) + b"\n")
+
+    async def _dead_letter_io(self, call: Callable[[Any], T], arg: Any) -> T:
+        """``call(arg)`` on the dead-letter file, in a thread, one at a time
+        (ship workers dead-letter concurrently; appends and rotations must not interleave)."""
+        async with self._dead_letter_lock:
+            return await asyncio.to_thread(call, arg)
 
     def _dead_letters(self) -> DeadLetterFile:
         cap = self.cfg.dead_letter

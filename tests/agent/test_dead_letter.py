@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,59 @@ async def test_a_resent_batch_already_dead_lettered_is_not_dead_lettered_again(t
     assert dead_letters(state) == [other]
     assert again.agent.metrics.records_rejected == 0
     assert [json.loads(line) for line in (state / "dead-letter.ndjson.1").read_text().splitlines()] == [earlier]
+
+
+async def test_a_slow_dead_letter_write_stalls_neither_reading_nor_shipping(tmp_path, stub, start_agent,
+                                                                           monkeypatch) -> None:
+    """The dead-letter file's fsynced appends (and holds()' scans of rotated
+    files) run off the event loop: while one waits on a slow disk, other
+    lines are read and shipped, and the waiting batch is acknowledged (its
+    checkpoint moving) only once its entry is written."""
+    release = threading.Event()
+    writing = threading.Event()
+    append = DeadLetterFile.append
+
+    def slow_append(self: DeadLetterFile, data: bytes) -> None:
+        writing.set()
+        release.wait(15)
+        append(self, data)
+
+    monkeypatch.setattr(DeadLetterFile, "append", slow_append)
+    stub.reject = lambda r: "refused: too loud" if "LOUD" in r.message else None
+    (tmp_path / "logs").mkdir()
+    write_lines(tmp_path / "logs" / "a.log", ["LOUD 1"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], collector={"max_in_flight": 2})
+    running = await start_agent(cfg)
+    try:
+        await eventually(writing.is_set, what="the dead-letter append under way")
+        write_lines(tmp_path / "logs" / "b.log", ["fine 2"])
+        await eventually(lambda: stub.messages() == ["fine 2"], what="a later line shipped meanwhile")
+        assert dead_letters(tmp_path / "state") == []
+        assert running.agent.metrics.batches_pending == 1  # the dead-lettering batch, not acknowledged yet
+    finally:
+        release.set()
+    await eventually(lambda: len(dead_letters(tmp_path / "state")) == 1, what="the entry written")
+    await eventually(lambda: running.agent.metrics.batches_pending == 0, what="the batch acknowledged")
+    assert dead_letters(tmp_path / "state")[0]["record"]["message"] == "LOUD 1"  # type: ignore[index]
+
+
+async def test_concurrent_dead_letters_rotate_without_losing_or_splitting_entries(tmp_path, stub,
+                                                                                 start_agent) -> None:
+    stub.reject = lambda r: "refused for the test"
+    (tmp_path / "logs").mkdir()
+    for name in "abcd":
+        write_lines(tmp_path / "logs" / f"{name}.log", [f"doomed {name} {i:03d}" for i in range(10)])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], batch={"max_records": 2}, collector={"max_in_flight": 4},
+                       dead_letter={"max_bytes": "1KiB", "keep": 30})
+    running = await start_agent(cfg)
+    await eventually(lambda: running.agent.metrics.records_rejected == 40, what="every record rejected")
+    await eventually(lambda: running.agent.metrics.batches_pending == 0, what="every batch acknowledged")
+    state = tmp_path / "state"
+    files = [state / "dead-letter.ndjson", *state.glob("dead-letter.ndjson.*")]
+    assert len(files) > 3  # rotated meanwhile
+    assert all(p.stat().st_size <= 1024 for p in files)
+    entries = [json.loads(line) for p in files for line in p.read_text().splitlines()]  # each whole
+    assert sorted(e["record"]["message"] for e in entries) == sorted(
+        f"doomed {name} {i:03d}" for name in "abcd" for i in range(10))
