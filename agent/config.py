@@ -340,6 +340,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     # Empty: the machine's host name.
     host: str = ""
+    # Wake on file events (Linux inotify on the watched files' directories)
+    # instead of checking every poll_interval; globs are still expanded every
+    # discover_interval, which catches what events miss.
+    file_events: bool = True
     poll_interval: Duration = Duration(0.1)
     discover_interval: Duration = Duration(1.0)
     read_chunk: ByteSize = ByteSize(256 * 1024)

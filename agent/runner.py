@@ -64,7 +64,8 @@ from agent.parsers import (
 from agent.redact import Redactor
 from agent.shipper import Delivery, IngestResponse, Shipper, Stopped
 from agent.spool import FileRange, Spool, SpooledBatch
-from agent.tailer import Chunk, LostFile, Tailer, TrackedFile
+from agent.tailer import Chunk, LostFile, Tailer, TrackedFile, excluded, glob_matches
+from agent.watch import FileEvents, glob_base
 from agent.wire import (
     MULTILINE_FEATURE,
     Batch,
@@ -79,6 +80,10 @@ from agent.wire import (
 
 log = logging.getLogger("logferry.agent")
 T = TypeVar("T")
+# Discoveries that file events ask for (a new file a glob matches) are at
+# least this far apart: a directory where names come and go fast (a file
+# written and renamed a time) costs a glob every 100 ms at most.
+_EVENT_DISCOVER_GAP = 0.1
 
 
 class RawRun:
@@ -582,6 +587,14 @@ class Agent:
         self._durable_waiters: dict[int, asyncio.Future[None]] = {}  # spool seq -> set once written
         self._spool_writing = False
         self._dead_letter_lock = asyncio.Lock()
+        # File events (agent.watch): None while polling.
+        self._events: FileEvents | None = None
+        self._events_complete = False  # every directory read from is watched
+        self._events_failed: set[str] = set()  # directories warned about
+        self._open_paths: frozenset[str] = frozenset()  # where the open files are now (symlinks resolved)
+        self._discover_soon = False  # an event named a file a source's glob matches
+        # File id -> (its state, where it is open, its directory), for _watch_dirs.
+        self._located: dict[str, tuple[tuple[Any, ...], str | None, str]] = {}
         # Bytes of closed batches not yet written to the spool, and the largest
         # batch body so far: spool.max_bytes holds only while reading stops
         # before one more batch could take the spool past it.
@@ -741,6 +754,119 @@ class Agent:
             if not tracked.unmatched and tracked.source_index < len(self.pipelines):
                 tracked.pipeline = self.pipelines[tracked.source_index]  # type: ignore[attr-defined]
         self._count_files()
+
+    # --- file events ----------------------------------------------------------------
+
+    def _start_file_events(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.cfg.file_events or all(s.path == "-" for s in self.cfg.sources):
+            return
+        try:
+            events = FileEvents()
+        except OSError as exc:
+            log.warning("file events unavailable (%s): checking files every %s", exc.strerror or exc,
+                        self.cfg.poll_interval)
+            return
+        loop.add_reader(events.fd, self._on_file_events)
+        self._events = events
+        self._watch_dirs()
+
+    def _stop_file_events(self) -> None:
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._events.fd)
+            self._events.close()
+            self._events = None
+
+    def _watch_dirs(self) -> None:
+        """Watch the directories of the files read (where they are now: after
+        a rename, through a symlink) and of the sources' globs; after each discovery."""
+        events = self._events
+        if events is None:
+            return
+        dirs = set()
+        for source in self.cfg.sources:
+            if source.path != "-":
+                base = glob_base(source.path)
+                if os.path.isdir(base):
+                    dirs.add(base)
+        open_paths = set()
+        located = self._located
+        self._located = {}
+        for tracked in self.tailer.files.values():
+            if tracked.closed:
+                continue
+            # Where the file is now: asked of the kernel again only when its
+            # path, descriptor or state changed (a discovery sees renames and deletions).
+            key = (tracked.path, tracked.fd, tracked.parked, tracked.rotated, tracked.deleted)
+            known = located.get(tracked.id)
+            if known is None or known[0] != key:
+                where = None
+                if not tracked.parked:
+                    with contextlib.suppress(OSError):
+                        where = os.readlink(f"/proc/self/fd/{tracked.fd}").removesuffix(" (deleted)")
+                known = (key, where, os.path.dirname(where or os.path.realpath(tracked.path)))
+            self._located[tracked.id] = known
+            if known[1] is not None:
+                open_paths.add(known[1])
+            dirs.add(known[2])
+        for waiting in self.tailer.waiting.values():
+            dirs.add(os.path.dirname(os.path.realpath(waiting.path)))
+        self._open_paths = frozenset(open_paths)
+        failed = events.watch(dirs)
+        self._events_complete = not failed
+        for directory, reason in failed:
+            if directory not in self._events_failed:
+                self._events_failed.add(directory)
+                log.warning("cannot watch %s for file events (%s): checking files every %s", directory, reason,
+                            self.cfg.poll_interval)
+
+    def _on_file_events(self) -> None:
+        """The event queue is readable: wake the read loop for a file being
+        read, and have it discover soon for a file one of the globs matches."""
+        events = self._events
+        if events is None:
+            return
+        try:
+            changed = events.read()
+        except OSError as exc:
+            log.warning("file events failed (%s): checking files every %s", exc, self.cfg.poll_interval)
+            self._stop_file_events()
+            self._wake.set()
+            return
+        wake = False
+        open_paths = self._open_paths
+        for path in changed.modified:
+            if path in open_paths:
+                wake = True
+            elif self._globbed(path):
+                self._discover_soon = wake = True
+        if changed.overflow or changed.dirs or any(p in open_paths or self._globbed(p) for p in changed.named):
+            self._discover_soon = wake = True
+        if wake:
+            self._wake.set()
+
+    def _globbed(self, path: str) -> bool:
+        return any(s.path != "-" and glob_matches(s.path, path) and not excluded(path, s.exclude)
+                   for s in self.cfg.sources)
+
+    def _idle_timeout(self, now: float, next_discover: float, last_discover: float) -> float:
+        """How long the read loop may wait for a wake-up when nothing was read."""
+        poll = float(self.cfg.poll_interval)
+        if self._events is None or not self._events_complete:
+            timeout = poll
+        else:
+            # Events wake it; discovery (every discover_interval) is the net.
+            timeout = max(0.0, next_discover - now)
+            if self._discover_soon:
+                timeout = min(timeout, max(0.0, last_discover + _EVENT_DISCOVER_GAP - now))
+            if any(p.cfg.multiline is not None for p in self.pipelines):
+                for tracked in self.tailer.files.values():
+                    joiner = getattr(tracked, "joiner", None)
+                    if isinstance(joiner, MultilineJoiner) and joiner.pending_start is not None:
+                        timeout = min(timeout, max(0.0, joiner.last_line_at + joiner.cfg.timeout - now))
+        if self._open is not None:
+            timeout = min(timeout, max(0.0, self._open.opened + self.cfg.batch.max_wait - now))
+        return timeout
 
     def _count_files(self) -> None:
         self.metrics.files_open = self.tailer.open_count()
@@ -1419,6 +1545,10 @@ class Agent:
         self.tailer.update_sources(cfg.sources)
         self.tailer.max_open = cfg.max_open_files
         self.spool.sync = cfg.spool.sync
+        if not cfg.file_events:
+            self._stop_file_events()
+        elif self._events is None:
+            self._start_file_events(asyncio.get_running_loop())
         shipper.update(cfg.collector)
         log.info("config reloaded from %s", self.config_path)
 
@@ -1452,9 +1582,11 @@ class Agent:
             stdin_index = self._stdin_source()
             if stdin_index is not None:
                 tasks.append(asyncio.create_task(self._read_stdin(stdin_index)))
+            self._start_file_events(loop)
             try:
                 await self._read_loop(shipper)
             finally:
+                self._stop_file_events()
                 await self._shutdown(shipper, workers, tasks)
                 if metrics_runner is not None:
                     await asyncio.to_thread(metrics_runner.shutdown)
@@ -1470,14 +1602,17 @@ class Agent:
 
     async def _read_loop(self, shipper: Shipper) -> None:
         next_discover = 0.0
-        poll = float(self.cfg.poll_interval)
+        last_discover = float("-inf")
         while not self._stop.is_set():
             if self._reload_requested:
                 self._reload(shipper)
                 next_discover = 0.0
             now = time.monotonic()
-            if now >= next_discover:
+            if now >= next_discover or (self._discover_soon and now >= last_discover + _EVENT_DISCOVER_GAP):
+                self._discover_soon = False
                 self._discover(now)
+                self._watch_dirs()
+                last_discover = now
                 next_discover = now + self.cfg.discover_interval
             progressed = self._read_files(now)
             self._fill(now)
@@ -1487,9 +1622,7 @@ class Agent:
             if progressed:
                 await asyncio.sleep(0)
                 continue
-            timeout = poll
-            if self._open is not None:
-                timeout = min(poll, max(0.0, self._open.opened + self.cfg.batch.max_wait - now))
+            timeout = self._idle_timeout(now, next_discover, last_discover)
             self._wake.clear()
             # asyncio.timeout, not wait_for: no task a wait, fewer loop turns when idle.
             with contextlib.suppress(TimeoutError):

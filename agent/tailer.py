@@ -193,12 +193,12 @@ def _line_aligned_end(fd: int, size: int) -> int:
     return start + newline + 1 if newline >= 0 else (size if len(tail) == size - start and start else 0)
 
 
-def _excluded(path: str, patterns: list[str]) -> bool:
+def excluded(path: str, patterns: list[str]) -> bool:
     name = os.path.basename(path)
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def _glob_matches(pattern: str, path: str) -> bool:
+def glob_matches(pattern: str, path: str) -> bool:
     """Whether ``path`` (absolute) is one ``glob(pattern, recursive=True)`` would
     return, without the file having to exist; ``**`` spans directories."""
     pattern = os.path.abspath(os.path.expanduser(pattern))
@@ -247,7 +247,7 @@ class Tailer:
                 continue
             pattern = os.path.expanduser(source.path)
             for path in sorted(glob.glob(pattern, recursive=True)):
-                if source.exclude and _excluded(path, source.exclude):
+                if source.exclude and excluded(path, source.exclude):
                     continue
                 try:
                     st = os.stat(path)
@@ -480,8 +480,8 @@ class Tailer:
             if source.path != "-" and source.path == entry.source_path and source.source == entry.source:
                 return index
         matching = [index for index, source in enumerate(self.sources)
-                    if source.path != "-" and _glob_matches(source.path, entry.path)
-                    and not _excluded(entry.path, source.exclude)]
+                    if source.path != "-" and glob_matches(source.path, entry.path)
+                    and not excluded(entry.path, source.exclude)]
         for index in matching:
             if self.sources[index].source == entry.source:
                 return index

@@ -19,7 +19,7 @@ import pytest
 
 from agent.checkpoint import CheckpointFile, FileCheckpoint
 from agent.config import SourceConfig
-from agent.tailer import Tailer, _glob_matches
+from agent.tailer import Tailer, glob_matches
 from tests.agent.conftest import AgentProcess, agent_config, eventually, write_lines
 from tests.agent.ingest_stub import IngestStub, json_answer
 from tests.helpers import wait_for
@@ -281,11 +281,11 @@ def test_an_empty_fingerprint_is_trusted_only_for_a_rotation_style_name(tmp_path
 
 
 def test_glob_matching_without_the_file() -> None:
-    assert _glob_matches("/var/log/*.log", "/var/log/app.log")
-    assert not _glob_matches("/var/log/*.log", "/var/log/app.log.1")
-    assert _glob_matches("/var/log/**/*.log", "/var/log/a/b/app.log")
-    assert _glob_matches("/var/log/**/*.log", "/var/log/app.log")
-    assert not _glob_matches("/var/log/**/*.log", "/srv/app.log")
+    assert glob_matches("/var/log/*.log", "/var/log/app.log")
+    assert not glob_matches("/var/log/*.log", "/var/log/app.log.1")
+    assert glob_matches("/var/log/**/*.log", "/var/log/a/b/app.log")
+    assert glob_matches("/var/log/**/*.log", "/var/log/app.log")
+    assert not glob_matches("/var/log/**/*.log", "/srv/app.log")
 
 
 @pytest.mark.parametrize("how", ["rename", "copytruncate"])

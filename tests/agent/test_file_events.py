@@ -1,0 +1,163 @@
+"""File events (inotify): the agent wakes when a file it reads grows or a
+file its globs match appears, instead of on a poll; discovery stays the net.
+
+The agents here poll and discover every 30 s, so a line shipped within a few
+seconds was read because of an event."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.watch import FileEvents, glob_base
+from tests.agent.conftest import agent_config, eventually, write_lines
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux only")
+
+SLOW = {"poll_interval": "30s", "discover_interval": "30s"}
+
+
+def test_glob_base_is_the_directory_before_the_first_wildcard() -> None:
+    assert glob_base("/var/log/app/*.log") == "/var/log/app"
+    assert glob_base("/srv/**/x.log") == "/srv"
+    assert glob_base("/srv/app-[ab]/x.log") == "/srv"
+    assert glob_base("/x.log") == "/"
+    assert glob_base("/var/log/app.log") == "/var/log"
+
+
+def test_events_name_what_changed_in_watched_directories(tmp_path: Path) -> None:
+    logs, other = tmp_path / "logs", tmp_path / "other"
+    logs.mkdir()
+    other.mkdir()
+    (logs / "a.log").write_text("one\n")
+    events = FileEvents()
+    try:
+        assert events.watch([str(logs), str(other), str(tmp_path / "missing"), str(logs / "a.log")]) == []
+        assert events.watched == {str(logs), str(other)}  # gone or not a directory: skipped, not failed
+        assert not events.read().modified  # nothing yet
+        with (logs / "a.log").open("a") as out:
+            out.write("two\n")
+        (logs / "b.log").write_text("new\n")
+        (logs / "sub").mkdir()
+        os.rename(logs / "a.log", logs / "a.log.1")
+        changed = events.read()
+        assert changed.modified == {str(logs / "a.log"), str(logs / "b.log")}
+        assert {str(logs / "b.log"), str(logs / "a.log"), str(logs / "a.log.1")} <= changed.named
+        assert changed.dirs == {str(logs / "sub")} and not changed.overflow
+        events.watch([str(logs)])  # `other` no longer watched
+        (other / "c.log").write_text("x\n")
+        assert not events.read().named
+        os.rmdir(logs / "sub")
+        (logs / "sub").mkdir()
+        events.watch([str(logs / "sub")])
+        os.rmdir(logs / "sub")  # the kernel drops the watch of a deleted directory
+        events.read()
+        assert events.watched == frozenset()
+    finally:
+        events.close()
+
+
+async def test_an_appended_line_is_read_on_the_event_not_the_poll(tmp_path, stub, start_agent) -> None:
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "a.log"
+    write_lines(log, ["first"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], **SLOW))
+    await eventually(lambda: stub.messages() == ["first"], what="the first line")
+    assert running.agent._events is not None and running.agent._events_complete
+    for n in range(3):
+        write_lines(log, [f"later {n}"])
+        await eventually(lambda n=n: len(stub.messages()) == n + 2, timeout=5, what=f"line {n} read on its event")
+    # A file the glob matches, created after the start: found on its event, not at the next discovery.
+    write_lines(tmp_path / "logs" / "b.log", ["in b"])
+    await eventually(lambda: "in b" in stub.messages(), timeout=5, what="a new file found on its event")
+    # Rotation by rename: the rest of the old file and the new one, on their events.
+    os.rename(log, tmp_path / "logs" / "a.log.1")
+    with (tmp_path / "logs" / "a.log.1").open("a") as out:
+        out.write("after rename\n")
+    write_lines(log, ["new a"])
+    await eventually(lambda: {"after rename", "new a"} <= set(stub.messages()), timeout=5,
+                     what="the rotated file's rest and the new file")
+    assert sorted(stub.messages()) == sorted(["first", "later 0", "later 1", "later 2", "in b", "after rename",
+                                              "new a"])
+
+
+async def test_without_file_events_the_poll_decides(tmp_path, stub, start_agent) -> None:
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "a.log"
+    write_lines(log, ["first"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    cfg = agent_config(tmp_path, stub.url, [source], file_events=False, **SLOW)
+    running = await start_agent(cfg)
+    await eventually(lambda: stub.messages() == ["first"], what="the first line")
+    await asyncio.sleep(0.3)  # the first batch's acknowledgement has woken the loop
+    write_lines(log, ["second"])
+    await asyncio.sleep(2)
+    assert running.agent._events is None
+    assert stub.messages() == ["first"]  # the next poll is 30 s away
+
+
+async def test_a_symlinked_file_is_read_on_events_in_its_targets_directory(tmp_path, stub, start_agent) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "current.log"
+    write_lines(target, ["first"])
+    (tmp_path / "logs" / "app.log").symlink_to(target)
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], **SLOW))
+    await eventually(lambda: stub.messages() == ["first"], what="the first line")
+    assert str(tmp_path / "data") in running.agent._events.watched  # type: ignore[union-attr]
+    write_lines(target, ["through the link"])
+    await eventually(lambda: "through the link" in stub.messages(), timeout=5, what="the target's growth")
+
+
+async def test_a_pending_multiline_entry_is_flushed_on_time_without_events(tmp_path, stub, start_agent) -> None:
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "a.log"
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain",
+              "multiline": {"mode": "start", "pattern": r"^\S", "timeout": "300ms"}}
+    await start_agent(agent_config(tmp_path, stub.url, [source], **SLOW))
+    await asyncio.sleep(0.2)
+    write_lines(log, ["Traceback (most recent call last):", "  File \"x.py\", line 1"])
+    started = time.monotonic()
+    await eventually(lambda: len(stub.messages()) == 1, timeout=5, what="the entry flushed by its timeout")
+    assert time.monotonic() - started < 3
+    assert stub.messages() == ["Traceback (most recent call last):"]
+
+
+async def test_an_idle_agent_with_file_events_wakes_only_to_discover(tmp_path, stub, start_agent) -> None:
+    """With events, an idle agent looks at its files once per discover_interval
+    (the net), not every poll_interval."""
+    (tmp_path / "logs").mkdir()
+    for n in range(20):
+        write_lines(tmp_path / "logs" / f"f{n}.log", [f"line {n}"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    passes: dict[bool, int] = {}
+    for events in (True, False):
+        state = tmp_path / f"state-{events}"
+        cfg = agent_config(tmp_path, stub.url, [source], file_events=events, state_dir=str(state),
+                           poll_interval="50ms", discover_interval="1s")
+        running = await start_agent(cfg)
+        metrics = running.agent.metrics
+        await eventually(lambda metrics=metrics: metrics.batches_pending == 0 and metrics.records_shipped == 20,
+                         what="every file read")
+        await asyncio.sleep(0.3)
+        calls = 0
+        read_files = running.agent._read_files
+
+        def counted(now: float, read_files=read_files) -> bool:
+            nonlocal calls
+            calls += 1
+            return read_files(now)
+
+        running.agent._read_files = counted  # type: ignore[method-assign]
+        await asyncio.sleep(2)
+        passes[events] = calls
+        await running.stop()
+    assert passes[True] <= 4, passes  # ~2 discoveries in 2 s
+    assert passes[False] >= 20, passes  # ~40 polls in 2 s
