@@ -161,3 +161,21 @@ async def test_an_idle_agent_with_file_events_wakes_only_to_discover(tmp_path, s
         await running.stop()
     assert passes[True] <= 4, passes  # ~2 discoveries in 2 s
     assert passes[False] >= 20, passes  # ~40 polls in 2 s
+
+
+def test_a_full_event_queue_is_reported_as_an_overflow(tmp_path: Path) -> None:
+    """Events the kernel could not queue are lost; the overflow says so, and
+    the agent then discovers and reads everything (see Agent._on_file_events)."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 50_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many files to create to fill the queue")
+    events = FileEvents()
+    try:
+        events.watch([str(tmp_path)])
+        for n in range(limit + 10):
+            os.close(os.open(tmp_path / f"f{n}", os.O_CREAT | os.O_WRONLY, 0o600))
+        changed = events.read()
+        assert changed.overflow
+        assert len(changed.named) == limit  # what fitted, then the overflow
+    finally:
+        events.close()
