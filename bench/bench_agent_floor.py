@@ -1,0 +1,94 @@
+"""A yardstick for bench_agent on this machine: the least a Python tailer with
+redaction does, in one bare loop, on bench_agent's 1M-line JSON file.
+
+Read 1 MiB chunks, count lines, find card/SSN candidates with one google-re2
+prefilter over the chunk, substitute in the lines it hits, zstd level 1 per
+chunk: no checkpoints, spool, HTTP, parsing, issuer/Luhn checks or the other
+rules (secrets, key names, JSON escapes) the agent has. The field notes' quick
+prototype of about this loop took 0.92 CPU-s per 1M lines on the machine where
+Fluent Bit took 1.37 (described in one line: its details are not known). Next
+to bench_agent's figure on the same machine, this says how much of the agent's
+CPU its own machinery costs beyond the bare work. CPU from ``getrusage`` of the
+child process (its start included, as bench_agent counts the agent's), median of runs.
+
+    python bench/bench_agent_floor.py             # 1M lines, 5 runs
+    python bench/bench_agent_floor.py --quick     # 100k lines, 3 runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_agent import FLUENT_BIT_CPU_S, generate
+
+PROTOTYPE_CPU_S = 0.92  # the field notes' prototype, on the machine that measured Fluent Bit
+
+LOOP = textwrap.dedent(
+    r"""
+    import os, resource, sys
+    import re2, zstandard
+    card, ssn = rb"\d(?:[ +-]?\d){12,18}", rb"\d{3}[- ]\d{2}[- ]\d{4}"
+    prefilter, cards, ssns = re2.compile(card + b"|" + ssn), re2.compile(card), re2.compile(ssn)
+    compress = zstandard.ZstdCompressor(level=1).compress
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    lines = out = 0
+    rest = b""
+    while chunk := os.read(fd, 1 << 20):
+        data = rest + chunk
+        cut = data.rfind(b"\n") + 1
+        data, rest = data[:cut], data[cut:]
+        lines += data.count(b"\n")
+        parts, pos = [], 0
+        m = prefilter.search(data)
+        while m is not None:
+            start, end = data.rfind(b"\n", 0, m.start()) + 1, data.find(b"\n", m.end())
+            line = cards.sub(b"[REDACTED:credit_card]", data[start:end])
+            parts += [data[pos:start], ssns.sub(b"[REDACTED:ssn]", line)]
+            pos = end
+            m = prefilter.search(data, pos)
+        parts.append(data[pos:])
+        out += len(compress(b"".join(parts)))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(lines, usage.ru_utime + usage.ru_stime, out)
+    """
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="100k lines, 3 runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.lines, args.runs = 100_000, 3
+    with tempfile.TemporaryDirectory(prefix="logferry-bench-floor-") as work:
+        log = Path(work) / "app.log"
+        size = generate(log, args.lines)
+        figures = []
+        for _ in range(args.runs):  # the whole process, its start included, as bench_agent counts the agent
+            done = subprocess.run([sys.executable, "-c", LOOP, str(log)], check=True, capture_output=True, text=True)
+            lines, cpu, out = done.stdout.split()
+            if int(lines) != args.lines:
+                raise RuntimeError(f"the loop counted {lines} lines of {args.lines}")
+            figures.append(float(cpu) * 1_000_000 / args.lines)
+    median = statistics.median(figures)
+    print(f"bare loop (read, count lines, card/SSN prefilter + substitution in hit lines, zstd 1): "
+          f"{median:.2f} CPU-s per 1M lines (min {min(figures):.2f}, max {max(figures):.2f}; "
+          f"{size / args.lines:.0f} B/line, ratio {size / int(out):.2f}, {os.cpu_count()} CPUs)")
+    print(f"(the field notes' prototype of about this loop: {PROTOTYPE_CPU_S:.2f} CPU-s on the machine where "
+          f"Fluent Bit took {FLUENT_BIT_CPU_S:.2f}; its details are not known, so the ratio is no exact "
+          f"measure of this machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
