@@ -339,8 +339,8 @@ class _SsnRule(_Rule):
         # captured so the callback can refuse the match.
         super().__init__(
             "ssn",
-            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)",
-            r"\d{3}[- ]\d{2}[- ]\d{4}",
+            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([ +-]|%20)(\d{2})([ +-]|%20)(\d{4})(\d?)",
+            r"\d{3}(?:[ +-]|%20)\d{2}(?:[ +-]|%20)\d{4}",
             engine="re",
         )
 
@@ -383,9 +383,9 @@ _CARD_STRETCH = (re.compile(r"[0-9][0-9 +-]{12,}"), re.compile(r"\d[\d +-]{12,}"
 _CARD_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|%20){12,}"),
                          re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|%20){12,}"))
 _DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|%20){2}")  # ends a card's run of digits
-_SSN_STRETCH = (re.compile(r"[0-9][0-9 -]{10,}"), re.compile(r"\d[\d -]{10,}"))
-_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"[0-9 -]{10,}"),
-                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"[\d -]{10,}"))
+_SSN_STRETCH = (re.compile(r"[0-9][0-9 +-]{10,}"), re.compile(r"\d[\d +-]{10,}"))
+_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|%20){10,}"),
+                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|%20){10,}"))
 
 
 class _ValueRule(_Rule):
@@ -489,13 +489,13 @@ def _builtin_rules() -> dict[str, _Rule]:
 _json_encode = msgspec.json.Encoder().encode
 # What the built-in rules find changes now and then (2: cards with "+" and
 # "%20" between groups, numbers in contexts, custom rules' \b, syslog's
-# escapes). It is part of the fingerprint, so a collector does not take a
+# escapes; 3: SSNs with "+" and "%20" between groups too). It is part of the fingerprint, so a collector does not take a
 # batch from an agent whose rules of the same names found less as redacted
 # with its own: it redacts the batch again.
-RULES_VERSION = 2
+RULES_VERSION = 3
 _DIGIT_RUN = re.compile(rb"\d(?:[ +-]?\d)*")
 _DIGIT_RUN_ESCAPES = re.compile(rb"\d(?:(?:[ +-]|%20)?\d)*")  # for a run that "%20" continues
-_SSN_SHAPE = re.compile(r"\d{3}[- ]\d{2}[- ]\d{4}")
+_SSN_SHAPE = re.compile(r"\d{3}(?:[ +-]|%20)\d{2}(?:[ +-]|%20)\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
 # Rules none of whose matches can start inside a run of digits (past its first
 # character): a dismissed run is then skipped whole.

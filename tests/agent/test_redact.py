@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import msgspec
 import pytest
 import re2
 from hypothesis import HealthCheck, given, settings
@@ -55,7 +56,8 @@ def ssns(draw: st.DrawFn) -> str:
     area = draw(st.integers(1, 899).filter(lambda a: a != 666))
     group = draw(st.integers(1, 99))
     serial = draw(st.integers(1, 9999))
-    return f"{area:03d}-{group:02d}-{serial:04d}"
+    sep = draw(st.sampled_from(["-", " ", "+", "%20"]))  # as between a card's groups
+    return f"{area:03d}{sep}{group:02d}{sep}{serial:04d}"
 
 
 # Surrounding text: anything, as long as it does not glue more digits onto the
@@ -82,7 +84,8 @@ def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, car
 def test_every_valid_ssn_in_any_text_is_redacted(redactor: Redactor, ssn: str, before: str, after: str) -> None:
     out = redactor.redact_text(f"{before} {ssn} {after}")
     assert ssn not in out
-    assert "[REDACTED:ssn]" in out
+    # An SSN right after "Bearer" (or "token=", …) goes as that secret: secrets come first.
+    assert "[REDACTED:ssn]" in out or "[REDACTED:secrets]" in out
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -456,6 +459,33 @@ def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redact
         assert redactor.redact_text(kept) == kept
 
 
+def test_an_ssn_in_a_url_or_a_form_body_is_redacted(redactor: Redactor) -> None:
+    # The same separators as a card's groups: "+" and "%20" for a space; one kind throughout.
+    assert redactor.redact_text("POST /apply ssn=123+45+6789&name=x") == "POST /apply ssn=[REDACTED:ssn]&name=x"
+    assert redactor.redact_text("GET /find?q=123%2045%206789 HTTP/1.1") == "GET /find?q=[REDACTED:ssn] HTTP/1.1"
+    # As with spaces, "100+20+3000" is one (a URL's "100 20 3000"); other shapes stay.
+    for kept in ("123+45-6789", "123%2045 6789", "123+45+67890", "000+12+3456", "sum 100+20+300",
+                 "%2123+45+6789", "12+345+6789"):
+        assert redactor.redact_text(kept) == kept
+    # Whole chunks: the lines holding one are hits, as read and as JSON.
+    lines = [b'{"msg":"ssn=123+45+6789"}', b'{"msg":"q=123%2045%206789"}', b'{"msg":"sum 100+20+300"}',
+             b"GET /x?ssn=123+45+6789 HTTP/1.1", b'{"msg":"ssn 123\\u002b45\\u002b6789"}']
+    assert _hit_lines(redactor, lines) == {0, 1, 3, 4}
+    hashed = Redactor(RedactConfig(modes={"ssn": "hash"}, hash_key="k" * 32))
+    # One value, one token, however it was written.
+    assert len({hashed.redact_text(f"ssn {v}") for v in ("123-45-6789", "123+45+6789", "123%2045%206789")}) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(ssn=ssns(), key=st.sampled_from(["msg", "request_id", "ctx"]), before=st.sampled_from(["", "ssn=", "x "]))
+def test_a_json_line_holding_an_ssn_is_a_hit_and_redacted(ssn: str, key: str, before: str) -> None:
+    line = b'{"ts":"2026-12-01T00:00:00Z","%s":"%s%s"}' % (key.encode(), before.encode(), ssn.encode())
+    redactor = Redactor(RedactConfig())
+    assert _hit_lines(redactor, [line]) == {0}
+    [record] = _parsed([line])
+    assert ssn not in msgspec.json.encode(redactor.redact_record(record)).decode()
+
+
 def test_a_json_escaped_plus_between_card_digits_makes_the_line_a_hit(redactor: Redactor) -> None:
     # "\u002b" decodes to "+": the raw line holds no card, the record does.
     line = b'{"msg": "paid 4111\\u002b1111\\u002b1111\\u002b1111"}\n{"msg": "fine"}\n'
@@ -550,7 +580,8 @@ _rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids()
                                  st.sampled_from([" ", "-", "+", "  ", "--", " -", "+-", " +", "++", "x", "é", "1",
                                                   "\n", UUID_CARD, "%20", "%2", "%", "%20%20", "%20 ", "%24",
                                                   "%2F", "%a",
-                                                  "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١"])),
+                                                  "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١",
+                                                  "123+45+6789", "123%2045%206789", "123+45-6789", "%20123"])),
                        max_size=8).map("".join)
 
 
@@ -594,7 +625,7 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
     uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
     if rule_name == "credit_card":
         return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])\d(?:(?:[ +-]|%20)?\d){12,}", card, text), count
-    return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])(\d?)(\d{3})([- ])(\d{2})([- ])(\d{4})(\d?)", ssn, text), count
+    return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])(\d?)(\d{3})([ +-]|%20)(\d{2})([ +-]|%20)(\d{4})(\d?)", ssn, text), count
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
