@@ -667,9 +667,12 @@ class Redactor:
     def hit_positions(self, data: bytes, end: int | None = None, json: bool = False) -> list[int]:
         """Byte offsets in ``data[:end]`` (whole lines) where the prefilter
         matches, at least the first of each line that has a match; lines
-        without one need no redaction. ``json``: the lines are JSON (or parsed
-        as plain text when they are not), so a quoted string's text is the
-        bytes between its quotes where they hold no backslash."""
+        without one need no redaction. ``json``: a UUID that follows a
+        double quote or "=" in a line is whole in the text the rules see (JSON
+        and logfmt lines, or parsed as plain text when they are not: a quoted
+        string's text is the bytes between its quotes where they hold no
+        backslash; plain lines, whose message is the line after its timestamp
+        and level), so digit runs inside it are dismissed (_in_uuid_token)."""
         if not self.active:
             return []
         if end is None:

@@ -166,8 +166,12 @@ class SourcePipeline:
         self.ship_lines = False
         self.shipped_multiline = None if cfg.multiline is None else LinesMultiline(
             cfg.multiline.mode, cfg.multiline.pattern, cfg.multiline.max_lines, int(cfg.multiline.max_bytes))
-        # Whether a quoted string in a line is a JSON string (see Redactor.hit_positions).
-        self.quoted_json = cfg.format in ("json", "logfmt")
+        # Whether a UUID that follows a quote or "=" in a line is whole in the
+        # text of the record's fields, as in the line (see Redactor.hit_positions):
+        # JSON strings and logfmt values are the bytes between their delimiters
+        # (where they hold no backslash), and a plain line's text after its
+        # timestamp and level is its message.
+        self.uuid_tokens = cfg.format in ("json", "logfmt", "plain")
         # Whether a backslash in a line makes it a hit: syslog's structured data
         # is unescaped ('card="4111\\ 1111\\ …"' holds a card the raw line does not).
         self.backslash_hits = cfg.format in BACKSLASH_FORMATS
@@ -269,7 +273,7 @@ class SourcePipeline:
         read_at = time.time()
         base = chunk.base
         redactor = self.redactor
-        hits = redactor.hit_positions(body, size, json=self.quoted_json) if redactor.active else []
+        hits = redactor.hit_positions(body, size, json=self.uuid_tokens) if redactor.active else []
         if self.backslash_hits and redactor.active:
             hits = _with_backslash_lines(body, size, hits)
         if not hits:
@@ -386,7 +390,7 @@ class SourcePipeline:
             # Their records join text of the line (see SHIPPED_FORMATS): the
             # raw line's verdict does not cover them, each record is looked at.
             return [redactor.redact_record(r) for r in records]
-        hits = redactor.hit_positions(body, json=self.quoted_json) if body else []
+        hits = redactor.hit_positions(body, json=self.uuid_tokens) if body else []
         if self.backslash_hits and body:
             hits = _with_backslash_lines(body, len(body), hits)
         if not hits:

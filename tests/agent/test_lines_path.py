@@ -597,3 +597,23 @@ async def test_lines_whose_group_the_collector_refuses_are_sent_again_as_records
     metrics = running.agent.metrics
     await eventually(lambda: metrics.records_shipped == 100, what="every record counted once, when acknowledged")
     assert metrics.records_rejected == 0
+
+
+@pytest.mark.parametrize(("fmt", "line", "as_read"), [
+    ("plain", "2026-12-01 10:00:00 INFO GET /x request_id={uuid} took 3 ms", True),
+    ("json", '{{"msg":"GET /x","request_id":"{uuid}"}}', True),
+    ("logfmt", "msg=done request_id={uuid}", True),
+    # Syslog's fields are not the line's bytes (structured data is unescaped): the record is looked at.
+    ("syslog", '<14>1 2026-12-01T10:00:00Z h app 1 - [x@1 id="{uuid}"] done', False),
+])
+def test_a_line_whose_only_digit_run_is_inside_a_uuid_goes_as_read(fmt: str, line: str, as_read: bool) -> None:
+    # 5453853284707646, the UUID's digits, passes every card check; inside the UUID it is no card.
+    uuid = "54538532-8470-7646-3511-b677c3e44a22"
+    text = line.format(uuid=uuid).encode() + b"\n"
+    pipeline = SourcePipeline(SourceConfig(path="/x", source="app", format=fmt), "h",  # type: ignore[arg-type]
+                              Redactor(RedactConfig()), AgentMetrics())
+    items, count, _ = pipeline._runs(Chunk.of_body(text, 0, len(text)), "/x")
+    assert count == 1
+    assert [type(item) for item in items] == [RawRun if as_read else Record]
+    if not as_read:
+        assert uuid in msgspec.json.encode(items[0]).decode()  # kept: no card

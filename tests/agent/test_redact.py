@@ -384,6 +384,25 @@ def test_the_chunk_prefilter_never_lets_a_logfmt_line_that_needs_redaction_throu
     _assert_misses_need_no_redaction(RedactConfig(), lines, "logfmt")
 
 
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(uuid_contexts(), min_size=1, max_size=8),
+       prefix=st.sampled_from(["2026-12-01 10:00:00.123 INFO ", "[2026-12-01T10:00:00Z] ERROR: ", "WARN ", ""]),
+       quoted=st.booleans())
+def test_the_chunk_prefilter_never_lets_a_plain_line_that_needs_redaction_through(values: list[str], prefix: str,
+                                                                                  quoted: bool) -> None:
+    # A plain line's message is the line after its timestamp and level: a UUID token is whole in it.
+    lines = [(prefix + ('done request_id="%s" x' if quoted else "done request_id=%s") % v).encode() for v in values]
+    _assert_misses_need_no_redaction(RedactConfig(), lines, "plain")
+
+
+def test_a_uuid_in_a_plain_line_is_no_hit() -> None:
+    redactor = Redactor(RedactConfig())
+    line = f"2026-12-01 10:00:00.123 INFO GET /x request_id={UUID_CARD} took 3 ms".encode()
+    assert _hit_lines(redactor, [line]) == set()
+    assert _hit_lines(redactor, [line], json=False) == {0}  # formats whose fields may split a token: looked at
+    assert _hit_lines(redactor, [line + b" card 4111 1111 1111 1111"]) == {0}
+
+
 def test_a_uuid_after_an_equals_sign_is_no_hit() -> None:
     lines = [b"ts=2026-12-01T00:00:00Z request_id=%s msg=done" % UUID_CARD.encode(),
              b"ts=2026-12-01T00:00:00Z request_id=x%s msg=done" % UUID_CARD.encode(),  # the UUID starts later
