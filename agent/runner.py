@@ -80,9 +80,10 @@ from agent.wire import (
 
 log = logging.getLogger("logferry.agent")
 T = TypeVar("T")
-# Discoveries that file events ask for (a new file a glob matches) are at
-# least this far apart: a directory where names come and go fast (a file
-# written and renamed a time) costs a glob every 100 ms at most.
+# Discoveries that file events ask for (a new file a glob matches, a parked
+# file growing) are at least this far apart, and ten times as far as the last
+# one took: a directory where names come and go fast costs a glob every 100
+# ms at most, and discovery (globs, stats) at most a tenth of the loop's time.
 _EVENT_DISCOVER_GAP = 0.1
 
 
@@ -597,6 +598,8 @@ class Agent:
         self._events_failed: set[str] = set()  # directories warned about
         self._open_paths: frozenset[str] = frozenset()  # where the open files are now (symlinks resolved)
         self._discover_soon = False  # an event named a file a source's glob matches
+        self._discover_gap = _EVENT_DISCOVER_GAP  # see _EVENT_DISCOVER_GAP
+        self._queued_paths: frozenset[str] = frozenset()  # files waiting for a slot: their growth needs no discovery
         # File id -> (its state, where it is open, its directory), for _watch_dirs.
         self._located: dict[str, tuple[tuple[Any, ...], str | None, str]] = {}
         # Bytes of closed batches not yet written to the spool, and the largest
@@ -813,9 +816,10 @@ class Agent:
             if known[1] is not None:
                 open_paths.add(known[1])
             dirs.add(known[2])
-        for waiting in self.tailer.waiting.values():
-            dirs.add(os.path.dirname(os.path.realpath(waiting.path)))
+        queued = {os.path.realpath(waiting.path) for waiting in self.tailer.waiting.values()}
+        dirs.update(os.path.dirname(path) for path in queued)
         self._open_paths = frozenset(open_paths)
+        self._queued_paths = frozenset(queued)
         failed = events.watch(dirs)
         self._events_complete = not failed
         for directory, reason in failed:
@@ -839,10 +843,11 @@ class Agent:
             return
         wake = False
         open_paths = self._open_paths
+        queued = self._queued_paths
         for path in changed.modified:
             if path in open_paths:
                 wake = True
-            elif self._globbed(path):
+            elif path not in queued and self._globbed(path):
                 self._discover_soon = wake = True
         if changed.overflow or changed.dirs or any(p in open_paths or self._globbed(p) for p in changed.named):
             self._discover_soon = wake = True
@@ -862,7 +867,7 @@ class Agent:
             # Events wake it; discovery (every discover_interval) is the net.
             timeout = max(0.0, next_discover - now)
             if self._discover_soon:
-                timeout = min(timeout, max(0.0, last_discover + _EVENT_DISCOVER_GAP - now))
+                timeout = min(timeout, max(0.0, last_discover + self._discover_gap - now))
             if any(p.cfg.multiline is not None for p in self.pipelines):
                 for tracked in self.tailer.files.values():
                     joiner = getattr(tracked, "joiner", None)
@@ -1612,11 +1617,12 @@ class Agent:
                 self._reload(shipper)
                 next_discover = 0.0
             now = time.monotonic()
-            if now >= next_discover or (self._discover_soon and now >= last_discover + _EVENT_DISCOVER_GAP):
+            if now >= next_discover or (self._discover_soon and now >= last_discover + self._discover_gap):
                 self._discover_soon = False
                 self._discover(now)
                 self._watch_dirs()
                 last_discover = now
+                self._discover_gap = max(_EVENT_DISCOVER_GAP, 10 * (time.monotonic() - now))
                 next_discover = now + self.cfg.discover_interval
             progressed = self._read_files(now)
             self._fill(now)

@@ -179,3 +179,33 @@ def test_a_full_event_queue_is_reported_as_an_overflow(tmp_path: Path) -> None:
         assert len(changed.named) == limit  # what fitted, then the overflow
     finally:
         events.close()
+
+
+async def test_growth_of_a_file_waiting_for_a_slot_asks_for_no_discovery(tmp_path, stub, start_agent) -> None:
+    """A file queued for a descriptor (max_open_files) is read when a slot
+    frees: its writes need no glob. A new file does."""
+    (tmp_path / "logs").mkdir()
+    write_lines(tmp_path / "logs" / "a.log", ["a 0"])
+    write_lines(tmp_path / "logs" / "b.log", ["b 0"])
+    source = {"path": str(tmp_path / "logs" / "*.log"), "source": "app", "format": "plain"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], max_open_files=1, file_turn="30s",
+                                             **SLOW))
+    agent = running.agent
+    await eventually(lambda: stub.messages() == ["a 0"] and len(agent.tailer.waiting) == 1,
+                     what="a.log read, b.log waiting")
+    discoveries = 0
+    discover = agent._discover
+
+    def counted(now: float) -> None:
+        nonlocal discoveries
+        discoveries += 1
+        discover(now)
+
+    agent._discover = counted  # type: ignore[method-assign]
+    for n in range(1, 6):
+        write_lines(tmp_path / "logs" / "b.log", [f"b {n}"])
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    assert discoveries == 0
+    write_lines(tmp_path / "logs" / "c.log", ["c 0"])
+    await eventually(lambda: discoveries >= 1, timeout=5, what="a discovery for the new file")
