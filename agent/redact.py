@@ -178,9 +178,10 @@ _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}
 # is a space and a card, not the number 204111…, and "%24000…" is "$000…".
 # Put before a pattern's first digit; the form after it (_NOT_IN_ESCAPE)
 # keeps a leading character class, which re's search skips ahead with (a
-# leading lookbehind makes it try every position).
+# leading lookbehind makes it try every position). Its \d is the pattern's:
+# a digit of any script ("%2٠4111…": "٠" cannot start the number either).
 _OUTSIDE_ESCAPE = r"(?<!%)(?<!%[0-9A-Fa-f])"
-_NOT_IN_ESCAPE = r"(?<!%[0-9])(?<!%[0-9A-Fa-f][0-9])"
+_NOT_IN_ESCAPE = r"(?<!%\d)(?<!%[0-9A-Fa-f]\d)"
 _HEX_OR_PERCENT = frozenset(b"%0123456789ABCDEFabcdef")
 # What separates a card's digit groups: a space, a dash, or a space in a URL
 # ("+" in a query, "%20" anywhere).

@@ -472,6 +472,8 @@ def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redact
     # No number starts on an escape's hex digits: "%2F4111…" is "/" and a card; "%24111…" is "$111…".
     assert redactor.redact_text("/pay%2F4111111111111111") == "/pay%2F[REDACTED:credit_card]"
     assert redactor.redact_text("x=%24111111111111111") == "x=%24111111111111111"
+    # Nor on a digit of another script right after "%" and a hex digit: the card after it is one.
+    assert redactor.redact_text("%2\u06604000000000000002") == "%2\u0660[REDACTED:credit_card]"
     # Pluses elsewhere stay: zone offsets, sums, phone numbers, a "+" run that holds no card.
     for kept in ("2026-12-01T10:00:00.123+05:30", "1764583200+0530", "sum 10+20+30+40=100",
                  "call +1 415 555 0100", "4111++1111+1111+1111", "order 1234+5678+9012+3456"):
