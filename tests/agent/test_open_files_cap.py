@@ -254,13 +254,16 @@ def test_kill_9_with_the_cap_in_force_loses_and_duplicates_nothing(
         """The agent's descriptors on files under logs/, checked against the cap."""
         assert agent.proc is not None
         fds = Path(f"/proc/{agent.proc.pid}/fd")
-        held = 0
+        held = []
         with contextlib.suppress(OSError):
             for fd in fds.iterdir():
                 with contextlib.suppress(OSError):
-                    held += os.readlink(fd).startswith(str(agent.logs))
-        assert held <= 3
-        return held
+                    # Files in logs/, not logs/ itself (a glob's scandir holds it for a moment).
+                    target = os.readlink(fd)
+                    if target.startswith(str(agent.logs) + os.sep):
+                        held.append(target)
+        assert len(held) <= 3, held
+        return len(held)
 
     for i in range(20):
         lines(i, 0, 150)
