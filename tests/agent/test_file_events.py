@@ -95,7 +95,9 @@ async def test_without_file_events_the_poll_decides(tmp_path, stub, start_agent)
     cfg = agent_config(tmp_path, stub.url, [source], file_events=False, **SLOW)
     running = await start_agent(cfg)
     await eventually(lambda: stub.messages() == ["first"], what="the first line")
-    await asyncio.sleep(0.3)  # the first batch's acknowledgement has woken the loop
+    # The first batch's acknowledgement wakes the loop once: let that pass go by.
+    await eventually(lambda: running.agent.metrics.batches_pending == 0, what="the batch acknowledged")
+    await asyncio.sleep(0.5)
     write_lines(log, ["second"])
     await asyncio.sleep(2)
     assert running.agent._events is None
