@@ -13,6 +13,9 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
+from itertools import compress, count
+from operator import methodcaller, not_, sub
+from typing import NamedTuple
 
 import re2
 
@@ -36,6 +39,36 @@ DEFAULT_START = r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|\[|\{|[A-Z][a-z]{2} [ 0-9][0-9]
 Entry = tuple[str, list[str], int, int]
 
 
+class ChunkEntries(NamedTuple):
+    """What :meth:`MultilineJoiner.feed_chunk` completed, in file order:
+    ``before`` (entries begun in an earlier chunk, as text), then the
+    entries beginning at lines ``starts`` of the chunk (by line number; each
+    runs to the next one, the last to line ``stop``), then ``after`` (as text)."""
+
+    before: list[Entry]
+    starts: list[int]
+    stop: int
+    after: list[Entry]
+
+
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_bytes(pattern: str) -> tuple[Callable[[bytes], object], bool]:
+    """Whether ``pattern`` matches a line's UTF-8 bytes (truthy), and whether
+    that is exact for any UTF-8 line (True: the built-in patterns, whose
+    classes and literals are ASCII, so a line's bytes match iff its text
+    does, invalid bytes and all) or only for ASCII lines (RE2 patterns:
+    ``.`` or ``\\pL`` read the text, not bytes)."""
+    if pattern in (TRACEBACK_CONTINUATION, DEFAULT_START):
+        return re.compile(pattern.encode()).match, True
+    options = re2.Options()
+    options.log_errors = False
+    regex = re2.compile(pattern, options)
+    match = getattr(getattr(regex, "_regexp", None), "Match", None)
+    if match is None or _UNANCHORED is None:
+        return lambda data: regex.search(data.decode("ascii")) is not None, False
+    return lambda data: match(_UNANCHORED, data, 0, len(data))[0][0] >= 0, False
 
 
 @functools.lru_cache(maxsize=64)
@@ -66,7 +99,7 @@ def _compiled(pattern: str) -> Callable[[str], bool]:
     return matches
 
 
-def _drop_trailing_blanks(rest: list[str]) -> None:
+def drop_trailing_blanks(rest: list[str]) -> None:
     """An entry's trailing blank lines are not its own (they stay in its byte range)."""
     while rest and not rest[-1].strip():
         rest.pop()
@@ -78,6 +111,7 @@ class MultilineJoiner:
         self.start_mode = cfg.mode == "start"
         pattern = cfg.pattern or (DEFAULT_START if self.start_mode else TRACEBACK_CONTINUATION)
         self._matches = _compiled(pattern)
+        self._bytes_matches = _compiled_bytes(pattern)
         self._first: str | None = None
         self._rest: list[str] = []
         self._start = 0
@@ -91,7 +125,7 @@ class MultilineJoiner:
 
     def _take(self) -> Entry:
         assert self._first is not None
-        _drop_trailing_blanks(self._rest)
+        drop_trailing_blanks(self._rest)
         entry = (self._first, self._rest, self._start, self._end)
         self._first, self._rest = None, []
         return entry
@@ -133,7 +167,7 @@ class MultilineJoiner:
                 continue
             # A new entry starts here, or the current one reached max_lines or
             # max_bytes (this line then opens the next one).
-            _drop_trailing_blanks(rest)
+            drop_trailing_blanks(rest)
             out.append((first, rest, entry_start, entry_end))
             if line.strip():
                 first, rest, entry_start, entry_end = line, [], line_start, line_end
@@ -141,6 +175,68 @@ class MultilineJoiner:
                 first, rest = None, []
         self._first, self._rest, self._start, self._end = first, rest, entry_start, entry_end
         return out
+
+    def feed_chunk(self, data: bytes, size: int, lines: Sequence[bytes], starts: Sequence[int], end: int,
+                   decode: Callable[[bytes], str], now: float) -> ChunkEntries | None:
+        """:meth:`feed_lines` for a whole chunk of UTF-8 lines (``data[:size]``,
+        split into ``lines`` at ``starts``), without a Python step per line
+        where it can: each line's pattern verdict is taken in one pass of C
+        calls, and the entries that begin in the chunk come back as line
+        numbers, not text. ``None`` where that would not be exact; the caller
+        then uses :meth:`feed_lines`.
+
+        The verdicts give the lines that cannot continue an entry (the
+        "breaks"): each entry from the first break on runs to the next break,
+        unless a limit (``max_lines``, ``max_bytes``) or a blank break would
+        have made the per-line joiner cut it otherwise. The lines before the
+        first break (continuing an entry pending from the last chunk), and
+        everything from such a cut on, go through the per-line joiner."""
+        if not lines:
+            return None
+        for byte in b"\r\x1c\x1d\x1e\x1f":
+            # \r is cut from a line's end when decoded; \x1c-\x1f are blank
+            # to str.strip, not to bytes.strip.
+            if data.find(byte, 0, size) >= 0:
+                return None
+        match, exact_utf8 = self._bytes_matches
+        is_ascii = (data if size == len(data) else data[:size]).isascii()
+        if not exact_utf8 and not is_ascii:
+            return None
+        n = len(lines)
+        verdicts = map(match, lines)
+        breaks = list(compress(range(n), verdicts if self.start_mode else map(not_, verdicts)))
+        if not breaks:
+            return None
+        get = lines.__getitem__
+        if is_ascii:
+            blank_at = next(compress(count(), map(not_, map(bytes.strip, map(get, breaks)))), None)
+        else:
+            texts = map(methodcaller("decode", "utf-8", "replace"), map(get, breaks))
+            blank_at = next(compress(count(), map(not_, map(str.strip, texts))), None)
+        if blank_at == 0:
+            return None
+        # The entry whose text the per-line joiner takes from: the last one
+        # (pending at the chunk's end), or one before a cut.
+        last = len(breaks) - 1 if blank_at is None else blank_at - 1
+        max_lines, max_bytes = self.cfg.max_lines, self.cfg.max_bytes
+        line_counts = list(map(sub, [*breaks[1:], n], breaks))
+        offsets = list(map(starts.__getitem__, breaks))
+        spans = list(map(sub, [*offsets[1:], end], offsets))
+        if max(line_counts) > max_lines or max(spans) > max_bytes:
+            for k in range(last + 1):
+                if line_counts[k] > max_lines or (line_counts[k] > 1 and spans[k] > max_bytes):
+                    last = k
+                    break
+        first_break = breaks[0]
+        before = self._feed(map(decode, lines[:first_break]), starts[:first_break], offsets[0], now) \
+            if first_break else []
+        if self._first is not None:
+            before.append(self._take())
+        at = breaks[last]
+        self._first, self._rest = decode(lines[at]), []
+        self._start, self._end = offsets[last], starts[at + 1] if at + 1 < n else end
+        after = self._feed(map(decode, lines[at + 1:]), starts[at + 1:], end, now)
+        return ChunkEntries(before, breaks[:last], at, after)
 
     def due(self, now: float) -> bool:
         return self._first is not None and now - self.last_line_at >= self.cfg.timeout

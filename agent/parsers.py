@@ -155,6 +155,8 @@ class LineParser:
         self.static_tags = list(cfg.tags) or None
         self.encoding = cfg.encoding
         self._utf8 = cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
+        # Whether the lines are read as UTF-8 (``decode``'s encoding).
+        self.utf8 = self._utf8
         aliases = {field: (cfg.fields[field], *names) if field in cfg.fields else names
                    for field, names in FIELD_ALIASES.items()}
         self._aliases = aliases

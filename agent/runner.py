@@ -52,7 +52,7 @@ from agent.checkpoint import CheckpointFile, CheckpointStore
 from agent.config import AgentConfig, SourceConfig
 from agent.deadletter import DeadLetterFile
 from agent.metrics import AgentMetrics
-from agent.multiline import MultilineJoiner
+from agent.multiline import ChunkEntries, MultilineJoiner, drop_trailing_blanks
 from agent.parsers import (
     BACKSLASH_FORMATS,
     JOINED_FORMATS,
@@ -342,6 +342,10 @@ class SourcePipeline:
         self.metrics.lines_read += len(lines)
         read_at = time.time()
         redactor = self.redactor
+        if self.parser.utf8:
+            joined = joiner.feed_chunk(body, size, lines, starts, chunk.end, self.parser.decode, now)
+            if joined is not None:
+                return self._chunk_entries(joined, joiner, chunk, file, read_at)
         rfind = body.rfind
         hit_lines = sorted({base + rfind(b"\n", 0, pos) + 1 for pos in redactor.hit_positions(body, size)}) \
             if redactor.active else []
@@ -380,6 +384,53 @@ class SourcePipeline:
             run_end = end
         close_run()
         self.metrics.parse_errors += self.parser.errors - errors_before
+        pending = joiner.pending_start
+        return items, count, chunk.end if pending is None else pending
+
+    def _chunk_entries(self, joined: ChunkEntries, joiner: MultilineJoiner, chunk: Chunk, file: str,
+                       read_at: float) -> tuple[list[Item], int, int]:
+        """:meth:`_multiline_runs` from what :meth:`MultilineJoiner.feed_chunk`
+        found: the entries it gives as text are records; of those it gives by
+        line number, each with a prefilter hit in one of its lines is a
+        record, the others are runs of lines shipped as read, split where a
+        record comes between them."""
+        body = chunk.data
+        base = chunk.base
+        lines = chunk.lines
+        starts = chunk.starts
+        parser = self.parser
+        parse_entry = parser.parse_entry
+        redact = self.redactor.redact_record
+        errors_before = parser.errors
+        items: list[Item] = [redact(parse_entry(first, rest, start, file)) for first, rest, start, _ in joined.before]
+        count = len(items)
+        entry_starts = joined.starts
+        if entry_starts:
+            stop = joined.stop
+            # The entries (by their index in entry_starts) with a prefilter hit in one of their lines.
+            low, high = starts[entry_starts[0]] - base, starts[stop] - base
+            hit_entries = sorted({bisect_right(entry_starts, bisect_right(starts, base + pos) - 1) - 1
+                                  for pos in self.redactor.hit_positions(body, high) if pos >= low}) \
+                if self.redactor.active else []
+            decode = parser.decode
+            run_from = 0  # the first entry of the next run
+            for k in (*hit_entries, len(entry_starts)):
+                if k > run_from:
+                    line, line_stop = entry_starts[run_from], entry_starts[k] if k < len(entry_starts) else stop
+                    n = line_stop - line
+                    items.append(RawRun(self, body, starts[line] - base, starts[line_stop] - base, starts[line], n,
+                                        file, read_at, [e - line for e in entry_starts[run_from:k]]))
+                    count += n
+                if k < len(entry_starts):
+                    line, line_stop = entry_starts[k], entry_starts[k + 1] if k + 1 < len(entry_starts) else stop
+                    rest = [decode(text) for text in lines[line + 1:line_stop]]
+                    drop_trailing_blanks(rest)
+                    items.append(redact(parse_entry(decode(lines[line]), rest, starts[line], file)))
+                    count += 1
+                run_from = k + 1
+        items += [redact(parse_entry(first, rest, start, file)) for first, rest, start, _ in joined.after]
+        count += len(joined.after)
+        self.metrics.parse_errors += parser.errors - errors_before
         pending = joiner.pending_start
         return items, count, chunk.end if pending is None else pending
 

@@ -97,13 +97,15 @@ def _line(i: int, kind: str) -> str:
             "long": f"\tat com.example.{'Deep' * 150}.call{i}(Deep.java:{i})"}[kind]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(kinds, min_size=1, max_size=40), st.lists(st.integers(0, 40), max_size=6),
        st.sampled_from(["start", "continuation"]), st.integers(1, 6), st.sampled_from(["plain", "regex"]),
-       st.sampled_from([1024, 2000, 1 << 20]))
+       st.sampled_from([1024, 2000, 1 << 20]), st.booleans())
 def test_entries_shipped_as_read_are_stored_as_the_records_path_stores_them(
-        kinds_: list[str], cuts: list[int], mode: str, max_lines: int, fmt: str, max_bytes: int) -> None:
-    lines = [_line(i, kind) for i, kind in enumerate(kinds_)]
+        kinds_: list[str], cuts: list[int], mode: str, max_lines: int, fmt: str, max_bytes: int,
+        carriage_returns: bool) -> None:
+    # A chunk with a carriage return is joined line by line; one without, as a whole (feed_chunk).
+    lines = [_line(i, kind if carriage_returns or kind != "cr" else "start") for i, kind in enumerate(kinds_)]
     records_path = pipeline(False, fmt, mode=mode, max_lines=max_lines, max_bytes=max_bytes)
     lines_path = pipeline(True, fmt, mode=mode, max_lines=max_lines, max_bytes=max_bytes)
     records_path.parser.fixed_now = READ_AT
@@ -115,6 +117,19 @@ def test_entries_shipped_as_read_are_stored_as_the_records_path_stores_them(
     assert CARD not in text and "123-45-6789" not in text
     # A chunk's count is its records plus the lines of its runs.
     assert all(c >= e for c, e in zip(counts, expected_counts, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["start", "continuation"])
+def test_a_hit_entry_joined_by_line_number_keeps_its_trailing_blank_lines_out_of_its_stack(mode: str) -> None:
+    lines = [_line(0, "start"), _line(1, "secret"), _line(2, "frame"), _line(3, "blank"), _line(4, "blank"),
+             _line(5, "start"), _line(6, "start")]
+    records_path, lines_path = pipeline(False, mode=mode), pipeline(True, mode=mode)
+    records_path.parser.fixed_now = READ_AT
+    expected, _, _ = run(records_path, chunks_of(lines, []))
+    got, _, _ = run(lines_path, chunks_of(lines, []))
+    assert _same_stamps(got) == _same_stamps(expected)
+    card = next(r for r in got if "card" in r.message)
+    assert card.error_stack == "\tat com.example.Foo.bar2(Foo.java:2)"
 
 
 def test_a_chunk_of_whole_entries_goes_as_one_run_and_the_pending_entry_waits() -> None:
