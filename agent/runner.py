@@ -347,7 +347,8 @@ class SourcePipeline:
             if joined is not None:
                 return self._chunk_entries(joined, joiner, chunk, file, read_at)
         rfind = body.rfind
-        hit_lines = sorted({base + rfind(b"\n", 0, pos) + 1 for pos in redactor.hit_positions(body, size)}) \
+        hit_lines = sorted({base + rfind(b"\n", 0, pos) + 1
+                            for pos in redactor.hit_positions(body, size, json=self.uuid_tokens)}) \
             if redactor.active else []
         parse_entry = self.parser.parse_entry
         redact = redactor.redact_record
@@ -410,7 +411,8 @@ class SourcePipeline:
             # The entries (by their index in entry_starts) with a prefilter hit in one of their lines.
             low, high = starts[entry_starts[0]] - base, starts[stop] - base
             hit_entries = sorted({bisect_right(entry_starts, bisect_right(starts, base + pos) - 1) - 1
-                                  for pos in self.redactor.hit_positions(body, high) if pos >= low}) \
+                                  for pos in self.redactor.hit_positions(body, high, json=self.uuid_tokens)
+                                  if pos >= low}) \
                 if self.redactor.active else []
             decode = parser.decode
             run_from = 0  # the first entry of the next run

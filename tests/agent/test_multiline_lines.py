@@ -24,6 +24,8 @@ from agent.wire import Lines, LinesMultiline, Record
 from tests.agent.conftest import agent_config, eventually, write_lines
 
 CARD = "4111 1111 1111 1111"
+UUIDS = ["41111111-1111-1111-1111-111111111111", "40000000-0000-0000-0000-000000000002",
+         "12345678-9012-3456-7890-123456789012"]
 READ_AT = "2026-12-01T00:00:00.000Z"
 
 
@@ -81,7 +83,7 @@ def _same_stamps(records: list[Record]) -> dict[int | None, Record]:
 
 
 kinds = st.sampled_from(["start", "start", "frame", "caused", "error", "blank", "secret", "secret-frame", "cr",
-                         "long"])
+                         "long", "uuid", "uuid-frame"])
 
 
 def _line(i: int, kind: str) -> str:
@@ -94,6 +96,9 @@ def _line(i: int, kind: str) -> str:
             "secret": f"{stamp} WARN paid with card {CARD}",
             "secret-frame": f"\tat Pay.charge(card={CARD}, ssn=123-45-6789)",
             "cr": f"{stamp} INFO windows line {i}\r",
+            # Digit runs in a UUID (card-shaped, Luhn-valid or not) are not cards to the rules.
+            "uuid": f"{stamp} INFO order request_id={UUIDS[i % len(UUIDS)]} done",
+            "uuid-frame": f'\tat Orders.place(id="{UUIDS[i % len(UUIDS)]}")',
             "long": f"\tat com.example.{'Deep' * 150}.call{i}(Deep.java:{i})"}[kind]
 
 
