@@ -87,6 +87,12 @@ T = TypeVar("T")
 _EVENT_DISCOVER_GAP = 0.1
 
 
+# Until the collector first answers: the first batch's records at most, and
+# the reads' size.
+FIRST_BATCH_RECORDS = 1000
+FIRST_READ_CHUNK = 64 * 1024
+
+
 class RawRun:
     """Consecutive lines of one file, shipped as read (:class:`agent.wire.Lines`):
     ``data[lo:hi]``, ``count`` lines starting at file offset ``offset``.
@@ -1018,6 +1024,14 @@ class Agent:
         """One round over the open files; whether anything was read."""
         progressed = False
         max_records = self.cfg.batch.max_records
+        self.tailer.read_chunk = self.cfg.read_chunk
+        if not self._answered:
+            # The first batch is small: until the collector first answers, the
+            # lines are parsed here as records (its answer says whether it
+            # parses lines shipped as read), which costs 10-35 µs a line for
+            # most formats, and nothing else is sent meanwhile.
+            max_records = min(max_records, FIRST_BATCH_RECORDS)
+            self.tailer.read_chunk = min(self.cfg.read_chunk, FIRST_READ_CHUNK)
         parked = False
         for tracked in list(self.tailer.files.values()):
             if tracked.closed or tracked.parked:

@@ -432,6 +432,31 @@ async def test_one_batch_in_flight_until_the_collector_first_answers(tmp_path, s
     assert sorted(stub.messages()) == _expected(0, 120) and stub.lines_posts > 0
 
 
+async def test_the_first_batch_is_small_until_the_collector_first_answers(tmp_path, stub, start_agent) -> None:
+    # Until its answer says the collector parses lines shipped as read, every
+    # line is parsed here: the first batch holds 1000 records at most, not
+    # max_records (10,000 by default), and the rest go as read.
+    seen: list[tuple[int, int]] = []
+
+    def note(batch: Any) -> None:
+        seen.append((len(batch.records), sum(group.data.count(b"\n") for group in batch.lines)))
+
+    stub.answer_batch = note
+    log = tmp_path / "logs" / "a.log"
+    source = _json_source(tmp_path)
+    write_lines(log, [line.replace(f" {CARD}", "") for line in _lines(0, 6000)])
+    await start_agent(agent_config(tmp_path, stub.url, [source], read_chunk="1MiB"))
+    await eventually(lambda: len(stub.messages()) == 6000)
+    assert stub.records[0].message == "line 0000"
+    assert 0 < seen[0][0] <= 1000 and seen[0][1] == 0, seen[:3]
+    # Reads are 64 KiB until then: the one that filled the first batch left
+    # the rest of its records for the next; every later line goes as read.
+    shortest = min(len(line) for line in log.read_text().splitlines()) + 1
+    records = sum(records for records, _ in seen)
+    assert records <= 1000 + 65536 // shortest, seen[:3]
+    assert sum(lines for _, lines in seen) == 6000 - records
+
+
 async def test_lines_still_go_as_read_after_a_sighup_reload(tmp_path, stub, start_agent) -> None:
     log = tmp_path / "logs" / "a.log"
     source = _json_source(tmp_path)
