@@ -11,6 +11,10 @@ to bench_agent's figure on the same machine, this says how much of the agent's
 CPU its own machinery costs beyond the bare work. CPU from ``getrusage`` of the
 child process (its start included, as bench_agent counts the agent's), median of runs.
 
+It also times two scans the field notes give rates for on that machine
+(google-re2 and Python's re over lines without a match) and prints how much
+slower or faster this machine is at them.
+
     python bench/bench_agent_floor.py             # 1M lines, 5 runs
     python bench/bench_agent_floor.py --quick     # 100k lines, 3 runs
 """
@@ -30,6 +34,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_agent import FLUENT_BIT_CPU_S, generate
 
 PROTOTYPE_CPU_S = 0.92  # the field notes' prototype, on the machine that measured Fluent Bit
+# The field notes' scan rates on that machine, lines without matches: google-re2 and Python's re.
+FIELD_NOTES_RE2_MBS, FIELD_NOTES_RE_MBS = 800.0, 25.0
+
+SCAN_RATES = textwrap.dedent(
+    r"""
+    import re, resource, sys
+    import re2
+    pattern = rb"\d(?:[ +-]?\d){12,18}|\d{3}[- ]\d{2}[- ]\d{4}"
+    with open(sys.argv[1], "rb") as f:
+        data = f.read(64 << 20)
+    slow = re.compile(pattern)
+    clean = b"\n".join(line for line in data.split(b"\n") if slow.search(line) is None)
+    fast = re2.compile(pattern)
+    chunks = [clean[i:i + (1 << 20)] for i in range(0, len(clean), 1 << 20)]
+
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    rates = []
+    for _ in range(3):
+        started = cpu()
+        assert all(fast.search(chunk) is None for chunk in chunks)
+        rates.append(len(clean) / (cpu() - started) / 1e6)
+    sample = clean[:4 << 20]
+    started = cpu()
+    assert slow.search(sample) is None
+    print(max(rates), len(sample) / (cpu() - started) / 1e6)
+    """
+)
 
 LOOP = textwrap.dedent(
     r"""
@@ -80,6 +114,10 @@ def main() -> int:
             if int(lines) != args.lines:
                 raise RuntimeError(f"the loop counted {lines} lines of {args.lines}")
             figures.append(float(cpu) * 1_000_000 / args.lines)
+        # How fast this machine scans, next to the field notes' figures for
+        # the machine that measured Fluent Bit: a rough yardstick between the two.
+        done = subprocess.run([sys.executable, "-c", SCAN_RATES, str(log)], check=True, capture_output=True, text=True)
+        re2_mbs, re_mbs = map(float, done.stdout.split())
     median = statistics.median(figures)
     print(f"bare loop (read, count lines, card/SSN prefilter + substitution in hit lines, zstd 1): "
           f"{median:.2f} CPU-s per 1M lines (min {min(figures):.2f}, max {max(figures):.2f}; "
@@ -87,6 +125,12 @@ def main() -> int:
     print(f"(the field notes' prototype of about this loop: {PROTOTYPE_CPU_S:.2f} CPU-s on the machine where "
           f"Fluent Bit took {FLUENT_BIT_CPU_S:.2f}; its details are not known, so the ratio is no exact "
           f"measure of this machine)")
+    slower = statistics.mean([FIELD_NOTES_RE2_MBS / re2_mbs, FIELD_NOTES_RE_MBS / re_mbs])
+    print(f"this machine scans lines without a card or SSN at {re2_mbs:.0f} MB/s with google-re2 and "
+          f"{re_mbs:.1f} MB/s with Python's re (the field notes' machine: about {FIELD_NOTES_RE2_MBS:.0f} and "
+          f"{FIELD_NOTES_RE_MBS:.0f}): {slower:.2f}x its time, so Fluent Bit's {FLUENT_BIT_CPU_S:.2f} there is "
+          f"about {FLUENT_BIT_CPU_S * slower:.2f} CPU-s here, if Fluent Bit's C slows as these scans do "
+          f"(a yardstick, not a measurement)")
     return 0
 
 
