@@ -40,7 +40,7 @@ import time
 import uuid
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from operator import add
 from pathlib import Path
@@ -86,6 +86,10 @@ T = TypeVar("T")
 # ms at most, and discovery (globs, stats) at most a tenth of the loop's time.
 _EVENT_DISCOVER_GAP = 0.1
 
+
+# Directories watched for the globs with wildcards in their directories
+# (beyond them, discovery every discover_interval finds their files).
+MAX_GLOB_DIRS = 1024
 
 # Until the collector first answers: the first batch's records at most, and
 # the reads' size.
@@ -659,6 +663,8 @@ class Agent:
         self._discover_soon = False  # an event named a file a source's glob matches
         self._discover_gap = _EVENT_DISCOVER_GAP  # see _EVENT_DISCOVER_GAP
         self._queued_paths: frozenset[str] = frozenset()  # files waiting for a slot: their growth needs no discovery
+        # Directories under a glob's base that the glob can match files in (_watch_new_dirs).
+        self._glob_dirs_watched: set[str] = set()
         # File id -> (its state, where it is open, its directory), for _watch_dirs.
         self._located: dict[str, tuple[tuple[Any, ...], str | None, str]] = {}
         # Bytes of closed batches not yet written to the spool, and the largest
@@ -834,6 +840,7 @@ class Agent:
             return
         loop.add_reader(events.fd, self._on_file_events)
         self._events = events
+        self._watch_new_dirs([base for base, _ in self._glob_dirs()])
         self._watch_dirs()
 
     def _stop_file_events(self) -> None:
@@ -855,6 +862,8 @@ class Agent:
                 base = glob_base(source.path)
                 if os.path.isdir(base):
                     dirs.add(base)
+        self._glob_dirs_watched = {d for d in self._glob_dirs_watched if os.path.isdir(d)}
+        dirs |= self._glob_dirs_watched
         open_paths = set()
         located = self._located
         self._located = {}
@@ -908,10 +917,58 @@ class Agent:
                 wake = True
             elif path not in queued and self._globbed(path):
                 self._discover_soon = wake = True
+        if changed.dirs and self._watch_new_dirs(changed.dirs):
+            self._watch_dirs()
         if changed.overflow or changed.dirs or any(p in open_paths or self._globbed(p) for p in changed.named):
             self._discover_soon = wake = True
         if wake:
             self._wake.set()
+
+    def _glob_dirs(self) -> list[tuple[str, int | None]]:
+        """The sources' globs with a wildcard in their directories
+        (``logs/**/*.log``, ``/srv/*/app.log``): each one's base directory
+        and how deep under it a directory can hold files it matches (None: any
+        depth, for ``**``)."""
+        out = []
+        for source in self.cfg.sources:
+            if source.path == "-":
+                continue
+            base = glob_base(source.path)
+            folder = os.path.dirname(os.path.abspath(os.path.expanduser(source.path)))
+            if folder == base:
+                continue
+            below = os.path.relpath(folder, base).split(os.sep)
+            out.append((base, None if "**" in below else len(below)))
+        return out
+
+    def _watch_new_dirs(self, created: Iterable[str]) -> bool:
+        """Of ``created`` (directories that appeared, or that were there at the
+        start), those a glob with a wildcard in its directories can find
+        files in are watched from now on, with the directories already in
+        them (``mkdir -p``), up to MAX_GLOB_DIRS: a file then created there is
+        found on its event, not at the next discovery. Whether any was added."""
+        globs = self._glob_dirs()
+        added = False
+        for directory in created:
+            for base, depth in globs:
+                prefix = base.rstrip(os.sep) + os.sep
+                if directory != base and not directory.startswith(prefix):
+                    continue
+                for found, subdirs, _ in os.walk(directory):
+                    level = 0 if found == base else found[len(prefix):].count(os.sep) + 1
+                    if depth is not None and level >= depth:
+                        subdirs.clear()  # files deeper down are not this glob's
+                        if level > depth:
+                            continue
+                    if found == base or found in self._glob_dirs_watched:
+                        continue
+                    if len(self._glob_dirs_watched) >= MAX_GLOB_DIRS:
+                        log.debug("%d directories watched for globs already: %s is left to discovery",
+                                  MAX_GLOB_DIRS, found)
+                        return added
+                    self._glob_dirs_watched.add(found)
+                    added = True
+        return added
 
     def _globbed(self, path: str) -> bool:
         return any(s.path != "-" and glob_matches(s.path, path) and not excluded(path, s.exclude)
@@ -1625,6 +1682,9 @@ class Agent:
             self._stop_file_events()
         elif self._events is None:
             self._start_file_events(asyncio.get_running_loop())
+        else:  # the globs may have changed: the directories they can find files in too
+            self._glob_dirs_watched.clear()
+            self._watch_new_dirs([base for base, _ in self._glob_dirs()])
         shipper.update(cfg.collector)
         log.info("config reloaded from %s", self.config_path)
 

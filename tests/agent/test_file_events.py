@@ -211,3 +211,48 @@ async def test_growth_of_a_file_waiting_for_a_slot_asks_for_no_discovery(tmp_pat
     assert discoveries == 0
     write_lines(tmp_path / "logs" / "c.log", ["c 0"])
     await eventually(lambda: discoveries >= 1, timeout=5, what="a discovery for the new file")
+
+
+async def test_a_file_in_a_directory_created_under_a_double_star_glob_is_found_on_its_event(
+        tmp_path, stub, start_agent) -> None:
+    # logs/**/*.log: a directory made after the start (with one inside it,
+    # as mkdir -p does) is watched on its own event, so a file then written
+    # in it is read within seconds, not at the next discovery (30 s here).
+    logs = tmp_path / "logs"
+    (logs / "old" / "empty").mkdir(parents=True)
+    write_lines(logs / "old" / "a.log", ["first"])
+    source = {"path": str(logs / "**" / "*.log"), "source": "app", "format": "plain"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [source], **SLOW))
+    await eventually(lambda: stub.messages() == ["first"], what="the first line")
+    (logs / "2026-12-03" / "web").mkdir(parents=True)
+    await asyncio.sleep(0.3)  # the directory events are handled before the file appears
+    write_lines(logs / "2026-12-03" / "web" / "b.log", ["in a new directory"])
+    await eventually(lambda: "in a new directory" in stub.messages(), timeout=5, what="a file in a new directory")
+    # An empty directory there at the start is watched too.
+    write_lines(logs / "old" / "empty" / "c.log", ["in an old empty directory"])
+    await eventually(lambda: "in an old empty directory" in stub.messages(), timeout=5,
+                     what="a file in a directory empty at the start")
+    assert running.agent._events is not None
+    assert str(logs / "2026-12-03" / "web") in running.agent._events.watched
+
+
+async def test_directories_a_glob_cannot_find_files_in_are_not_watched(tmp_path, stub, start_agent) -> None:
+    # /srv/*/app.log finds files one level down: deeper directories, and any
+    # under a glob without a wildcard in its directories, are left alone.
+    srv, flat = tmp_path / "srv", tmp_path / "flat"
+    (srv / "a" / "deep").mkdir(parents=True)
+    (flat / "sub").mkdir(parents=True)
+    write_lines(srv / "a" / "app.log", ["a"])
+    sources = [{"path": str(srv / "*" / "app.log"), "source": "srv", "format": "plain"},
+               {"path": str(flat / "*.log"), "source": "flat", "format": "plain"}]
+    running = await start_agent(agent_config(tmp_path, stub.url, sources, **SLOW))
+    await eventually(lambda: stub.messages() == ["a"], what="the first line")
+    (srv / "b" / "deeper").mkdir(parents=True)
+    (flat / "new").mkdir()
+    await asyncio.sleep(0.3)
+    write_lines(srv / "b" / "app.log", ["b"])
+    await eventually(lambda: "b" in stub.messages(), timeout=5, what="a file in a new directory one level down")
+    assert running.agent._events is not None
+    watched = running.agent._events.watched
+    assert str(srv / "b") in watched and str(srv / "a") in watched
+    assert not {str(srv / "a" / "deep"), str(srv / "b" / "deeper"), str(flat / "sub"), str(flat / "new")} & watched
