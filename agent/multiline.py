@@ -51,8 +51,6 @@ class ChunkEntries(NamedTuple):
     after: list[Entry]
 
 
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled_bytes(pattern: str) -> tuple[Callable[[bytes], object], bool]:
     """Whether ``pattern`` matches a line's UTF-8 bytes (truthy), and whether
