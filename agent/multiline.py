@@ -54,10 +54,11 @@ class ChunkEntries(NamedTuple):
 @functools.lru_cache(maxsize=64)
 def _compiled_bytes(pattern: str) -> tuple[Callable[[bytes], object], bool]:
     """Whether ``pattern`` matches a line's UTF-8 bytes (truthy), and whether
-    that is exact for any UTF-8 line (True: the built-in patterns, whose
-    classes and literals are ASCII, so a line's bytes match iff its text
-    does, invalid bytes and all) or only for ASCII lines (RE2 patterns:
-    ``.`` or ``\\pL`` read the text, not bytes)."""
+    that is exact for any line (True: the built-in patterns, whose classes
+    and literals are ASCII, so a line's bytes match iff its text does,
+    invalid bytes and all) or only for valid UTF-8 (RE2 patterns: ``.`` or
+    ``\\PL`` take U+FFFD, what an invalid byte is decoded to, for a
+    character, but not the byte)."""
     if pattern in (TRACEBACK_CONTINUATION, DEFAULT_START):
         return re.compile(pattern.encode()).match, True
     options = re2.Options()
@@ -197,9 +198,14 @@ class MultilineJoiner:
             if data.find(byte, 0, size) >= 0:
                 return None
         match, exact_utf8 = self._bytes_matches
-        is_ascii = (data if size == len(data) else data[:size]).isascii()
+        text = data if size == len(data) else data[:size]
+        is_ascii = text.isascii()
         if not exact_utf8 and not is_ascii:
-            return None
+            # A pattern reads the lines' text; on valid UTF-8 that is their bytes.
+            try:
+                text.decode()
+            except UnicodeDecodeError:
+                return None
         n = len(lines)
         verdicts = map(match, lines)
         breaks = list(compress(range(n), verdicts if self.start_mode else map(not_, verdicts)))

@@ -179,3 +179,14 @@ def test_an_entry_over_max_bytes_is_cut_by_the_per_line_joiner() -> None:
     assert joined.starts == [0] and joined.stop == 1
     assert [(e[0][:18], len(e[1])) for e in joined.after] == [("2026-11-30 ERROR b", 1), (" " + "y" * 17, 0),
                                                                ("2026-11-30 INFO c", 0)]
+
+
+def test_a_custom_pattern_takes_the_whole_chunk_path_on_valid_utf8_only() -> None:
+    lines = [b"2026-11-30 INFO caf\xc3\xa9 ouvert", b"  \xe2\x86\x92 next step", b"2026-11-30 INFO done"]
+    j = joiner(mode="start", pattern=r"^\d{4}-")
+    (data, ls, starts, end), = split(lines, [])
+    joined = j.feed_chunk(data, len(data), ls, starts, end, decode, 0.0)
+    assert joined is not None and joined.starts == [0] and joined.stop == 2
+    # An invalid byte is U+FFFD to the pattern, which its bytes cannot show.
+    (data, ls, starts, end), = split([*lines, b"\xff"], [], base=end)
+    assert j.feed_chunk(data, len(data), ls, starts, end, decode, 0.0) is None
