@@ -256,3 +256,25 @@ async def test_directories_a_glob_cannot_find_files_in_are_not_watched(tmp_path,
     watched = running.agent._events.watched
     assert str(srv / "b") in watched and str(srv / "a") in watched
     assert not {str(srv / "a" / "deep"), str(srv / "b" / "deeper"), str(flat / "sub"), str(flat / "new")} & watched
+
+
+async def test_a_reload_that_adds_a_double_star_glob_watches_its_directories(tmp_path, stub, start_agent) -> None:
+    import json
+
+    logs = tmp_path / "logs"
+    (logs / "deep" / "er").mkdir(parents=True)
+    write_lines(logs / "a.log", ["top"])
+    flat = {"path": str(logs / "*.log"), "source": "app", "format": "plain"}
+    running = await start_agent(agent_config(tmp_path, stub.url, [flat], **SLOW))
+    await eventually(lambda: stub.messages() == ["top"], what="the first line")
+    assert running.agent._events is not None and str(logs / "deep" / "er") not in running.agent._events.watched
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text(json.dumps({"agent": {
+        "collector": {"url": stub.url, "token": "test-token"}, "state_dir": str(tmp_path / "state"),
+        "sources": [dict(flat, path=str(logs / "**" / "*.log"))], **SLOW}}))
+    running.agent.config_path = str(config_file)
+    running.agent.request_reload()
+    await eventually(lambda: str(logs / "deep" / "er") in running.agent._events.watched, timeout=5,
+                     what="the directories of the reloaded glob watched")
+    write_lines(logs / "deep" / "er" / "b.log", ["deep down"])
+    await eventually(lambda: "deep down" in stub.messages(), timeout=5, what="a file under the new glob")
