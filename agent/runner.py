@@ -1082,15 +1082,20 @@ class Agent:
         progressed = False
         max_records = self.cfg.batch.max_records
         self.tailer.read_chunk = self.cfg.read_chunk
-        if not self._answered:
+        first = not self._answered and not self._unacked
+        if first:
             # The first batch is small: until the collector first answers, the
             # lines are parsed here as records (its answer says whether it
             # parses lines shipped as read), which costs 10-35 µs a line for
-            # most formats, and nothing else is sent meanwhile.
+            # most formats, and nothing else is sent meanwhile. The round ends
+            # when it closes: batches a spool with room takes while the answer
+            # is awaited (an outage) are of full size, records either way.
             max_records = min(max_records, FIRST_BATCH_RECORDS)
             self.tailer.read_chunk = min(self.cfg.read_chunk, FIRST_READ_CHUNK)
         parked = False
         for tracked in list(self.tailer.files.values()):
+            if first and self._unacked:
+                break
             if tracked.closed or tracked.parked:
                 continue
             pipeline: SourcePipeline = tracked.pipeline  # type: ignore[attr-defined]
@@ -1108,7 +1113,7 @@ class Agent:
                 progressed = True
             yielding = self._yielding(tracked, now)
             budget = 0 if yielding else 8  # chunks per file per round, so one busy file cannot starve the rest
-            while budget and self._has_room() and tracked.carry is None:
+            while budget and self._has_room() and tracked.carry is None and not (first and self._unacked):
                 budget -= 1
                 chunk = self.tailer.read(tracked, pipeline.cfg.max_line)
                 if chunk is None:
