@@ -47,11 +47,13 @@ def per_line(j: MultilineJoiner, chunks: list[tuple[bytes, list[bytes], list[int
     return [*entries, *j.flush()]
 
 
-def whole_chunks(j: MultilineJoiner, chunks: list[tuple[bytes, list[bytes], list[int], int]]) -> list[Entry]:
-    """The entries as feed_chunk gives them (the per-line joiner where it declines), as text."""
+def whole_chunks(j: MultilineJoiner, chunks: list[tuple[bytes, list[bytes], list[int], int]],
+                 partial: bytes = b"") -> list[Entry]:
+    """The entries as feed_chunk gives them (the per-line joiner where it declines), as text.
+    ``partial``: bytes read after each chunk's last newline (a line not ended yet), not the chunk's."""
     entries: list[Entry] = []
     for data, lines, starts, end in chunks:
-        joined = j.feed_chunk(data, len(data), lines, starts, end, decode, 0.0)
+        joined = j.feed_chunk(data + partial, len(data), lines, starts, end, decode, 0.0)
         if joined is None:
             entries += j.feed_lines(lines, starts, end, decode, 0.0)
             continue
@@ -103,13 +105,15 @@ PATTERNS = [None, r"^\s", r"^\d{4}-\d{2}-\d{2}", r"^[^ ]+ (?:INFO|WARN)", r"^$",
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(LINES), min_size=1, max_size=60), st.lists(st.integers(0, 60), max_size=5),
        st.sampled_from(["start", "continuation"]), st.sampled_from(PATTERNS),
-       st.sampled_from([1, 2, 3, 5, 500]), st.sampled_from([1024, 1500, 1 << 20]))
+       st.sampled_from([1, 2, 3, 5, 500]), st.sampled_from([1024, 1500, 1 << 20]),
+       st.sampled_from([b"", b"\r", b"\x1c", b"\xff partial"]))
 def test_whole_chunks_join_as_the_per_line_joiner_does(lines: list[bytes], cuts: list[int], mode: str,
-                                                        pattern: str | None, max_lines: int, max_bytes: int) -> None:
+                                                        pattern: str | None, max_lines: int, max_bytes: int,
+                                                        partial: bytes) -> None:
     settings_ = {"mode": mode, "pattern": pattern, "max_lines": max_lines, "max_bytes": max_bytes}
     chunks = split(lines, cuts)
     expected = per_line(joiner(**settings_), chunks)
-    got = whole_chunks(joiner(**settings_), chunks)
+    got = whole_chunks(joiner(**settings_), chunks, partial)
     assert got == expected
 
 
