@@ -154,9 +154,8 @@ class LineParser:
         self.host = host
         self.static_tags = list(cfg.tags) or None
         self.encoding = cfg.encoding
-        self._utf8 = cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
         # Whether the lines are read as UTF-8 (``decode``'s encoding).
-        self.utf8 = self._utf8
+        self.utf8 = cfg.encoding.replace("-", "").lower() in ("utf8", "utf_8")
         aliases = {field: (cfg.fields[field], *names) if field in cfg.fields else names
                    for field, names in FIELD_ALIASES.items()}
         self._aliases = aliases
@@ -208,7 +207,7 @@ class LineParser:
                     body: bytes | None = None) -> list[Record]:
         """One record per non-blank line; ``starts[i]`` is the file offset of ``lines[i]``.
         ``body``, when given, is the lines as read: each followed by a newline."""
-        if self.cfg.format == "json" and self._utf8:
+        if self.cfg.format == "json" and self.utf8:
             return self._parse_json_lines(lines, starts, file, body)
         out: list[Record] = []
         for line, start in zip(lines, starts, strict=False):
