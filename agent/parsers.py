@@ -86,8 +86,10 @@ def _timestamp_ok(value: Any) -> bool:
 
 
 # Digits (and the separators between digit groups a card may have, see
-# agent.redact: space, dash, "+" and "%20", or part of one) at the end of a cut text.
-_TRAILING_DIGITS = re.compile(rb"\d(?:(?:[ +-]|%20)?\d)*(?:[ +-]|%20|%2|%)?\Z")
+# agent.redact: space, dash, "+", and "%20", "%2B" or "%2D" in either case, or
+# part of one) at the end of a cut text.
+_TRAILING_DIGITS = re.compile(rb"\d(?:(?:[ +-]|%2[0BDbd])?\d)*(?:[ +-]|%2[0BDbd]|%2|%)?\Z")
+_ESCAPE_THEN_DIGIT = re.compile(rb"%2[0BDbd]\d")  # an escaped separator, then more of the run
 
 
 def _head(raw: bytes, size: int) -> bytes:
@@ -97,7 +99,8 @@ def _head(raw: bytes, size: int) -> bytes:
     head = raw[:size]
     after = raw[size:size + 4]
     if after[:1].isdigit() or (after[:1] in (b" ", b"-", b"+") and after[1:2].isdigit()) \
-            or (after[:3] == b"%20" and after[3:].isdigit()):
+            or (after[:1] == b"%" and _ESCAPE_THEN_DIGIT.match(raw, size) is not None) \
+            or (after[:1] in (b"B", b"D", b"b", b"d") and head[-2:] == b"%2" and after[1:2].isdigit()):
         run = _TRAILING_DIGITS.search(head)
         if run is not None:
             head = head[:run.start()]

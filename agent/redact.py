@@ -183,9 +183,25 @@ _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}
 _OUTSIDE_ESCAPE = r"(?<!%)(?<!%[0-9A-Fa-f])"
 _NOT_IN_ESCAPE = r"(?<!%\d)(?<!%[0-9A-Fa-f]\d)"
 _HEX_OR_PERCENT = frozenset(b"%0123456789ABCDEFabcdef")
-# What separates a card's digit groups: a space, a dash, or a space in a URL
-# ("+" in a query, "%20" anywhere).
-_CARD_SEPARATOR = re.compile(r"[ +-]|%20")
+# A separator written as a URL's percent escape, in either case: "%20" (a
+# space), "%2B" ("+") or "%2D" ("-"). Encoders that escape every byte but
+# letters and digits write a card's dashes and an SSN's so.
+_ESCAPED = r"%2[0BDbd]"
+# What separates a card's digit groups: a space, a dash, a space in a URL
+# ("+" in a query), or one of those escaped (_ESCAPED).
+_CARD_SEPARATOR = re.compile(r"[ +-]|" + _ESCAPED)
+
+
+def _is_escaped_separator(text: str) -> bool:
+    """Whether ``text`` is one escaped separator (_ESCAPED)."""
+    return len(text) == 3 and text[:2] == "%2" and text[2] in "0BDbd"
+
+
+def _card_digits(run: str) -> str:
+    """A card rule's run without its separators."""
+    if "%" in run:
+        run = _CARD_SEPARATOR.sub("", run)
+    return run.replace(" ", "").replace("-", "").replace("+", "")
 
 
 def _group_spans(run: str) -> list[tuple[int, int]]:
@@ -194,7 +210,7 @@ def _group_spans(run: str) -> list[tuple[int, int]]:
         return [m.span() for m in _DIGIT_GROUP.finditer(run)]
     spans = []
     pos = 0
-    for separator in _CARD_SEPARATOR.finditer(run):  # "%20" is one separator, its "20" no group
+    for separator in _CARD_SEPARATOR.finditer(run):  # "%20" is one separator, its "2" no group
         spans.append((pos, separator.start()))
         pos = separator.end()
     spans.append((pos, len(run)))
@@ -208,7 +224,7 @@ def card_windows(run: str) -> list[tuple[int, int]]:
     Contiguous digits are never split: 20 glued digits are an id, not a card."""
     # The whole run first (what the search below tries first), its digits
     # without splitting it into groups.
-    digits = run.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
+    digits = _card_digits(run)
     if is_card_number(digits):
         return [(0, len(run))]
     if len(digits) <= 13 or len(digits) == len(run):  # no window but the whole run: too short, or no separators
@@ -255,8 +271,8 @@ class _CardRule(_Rule):
     # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
     # keep their other numbers.
     def __init__(self) -> None:
-        super().__init__("credit_card", r"\d" + _NOT_IN_ESCAPE + r"(?:(?:[ +-]|%20)?\d){12,}",
-                         r"\d(?:(?:[ +-]|%20)?\d){12}", engine="re")
+        super().__init__("credit_card", r"\d" + _NOT_IN_ESCAPE + r"(?:(?:[ +-]|" + _ESCAPED + r")?\d){12,}",
+                         r"\d(?:(?:[ +-]|" + _ESCAPED + r")?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
@@ -319,7 +335,7 @@ def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
     while stretch is not None:  # see _CARD_STRETCH
         lo, hi = stretch.span()
         run = stretch.group().rstrip(" +-")
-        while run.endswith("%20"):
+        while _is_escaped_separator(run[-3:]):
             run = run[:-3].rstrip(" +-")
         if ("%" in run and _DOUBLE_SEPARATOR.search(run)) or "  " in run or "--" in run or "++" in run \
                 or " -" in run or "- " in run or " +" in run or "+ " in run or "-+" in run or "+-" in run:
@@ -328,7 +344,7 @@ def _card_runs(text: str, regex: re.Pattern[str]) -> list[tuple[int, str]]:
             while m is not None:
                 runs.append((m.start(), m.group()))
                 m = regex.search(text, m.end(), hi)
-        elif len(run) - run.count(" ") - run.count("-") - run.count("+") - 3 * run.count("%20") >= 13:
+        elif len(_card_digits(run)) >= 13:
             runs.append((lo, run))  # single separators between digits throughout: one run, if 13 digits
         stretch = search(text, hi)
     return runs
@@ -340,8 +356,8 @@ class _SsnRule(_Rule):
         # captured so the callback can refuse the match.
         super().__init__(
             "ssn",
-            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([ +-]|%20)(\d{2})([ +-]|%20)(\d{4})(\d?)",
-            r"\d{3}(?:[ +-]|%20)\d{2}(?:[ +-]|%20)\d{4}",
+            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([ +-]|" + _ESCAPED + r")(\d{2})([ +-]|" + _ESCAPED + r")(\d{4})(\d?)",
+            r"\d{3}(?:[ +-]|" + _ESCAPED + r")\d{2}(?:[ +-]|" + _ESCAPED + r")\d{4}",
             engine="re",
         )
 
@@ -357,7 +373,7 @@ class _SsnRule(_Rule):
             while m is not None:
                 before, area, sep1, group, sep2, serial, after = m.groups()
                 # Kept: digits glued on, mixed separators, a number never issued.
-                if not before and not after and sep1 == sep2 and is_ssn(area, group, serial):
+                if not before and not after and sep1.upper() == sep2.upper() and is_ssn(area, group, serial):
                     out.append(text[pos:m.start()])
                     out.append(replace(self.name, f"{area}-{group}-{serial}"))
                     count[0] += 1
@@ -381,12 +397,12 @@ class _SsnRule(_Rule):
 # Texts holding a "%" (percent escapes) have their own: a repeated group is
 # several times slower than a repeated character class.
 _CARD_STRETCH = (re.compile(r"[0-9][0-9 +-]{12,}"), re.compile(r"\d[\d +-]{12,}"))
-_CARD_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|%20){12,}"),
-                         re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|%20){12,}"))
-_DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|%20){2}")  # ends a card's run of digits
+_CARD_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + _ESCAPED + r"){12,}"),
+                         re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + _ESCAPED + r"){12,}"))
+_DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|" + _ESCAPED + r"){2}")  # ends a card's run of digits
 _SSN_STRETCH = (re.compile(r"[0-9][0-9 +-]{10,}"), re.compile(r"\d[\d +-]{10,}"))
-_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|%20){10,}"),
-                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|%20){10,}"))
+_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + _ESCAPED + r"){10,}"),
+                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + _ESCAPED + r"){10,}"))
 
 
 class _ValueRule(_Rule):
@@ -490,13 +506,14 @@ def _builtin_rules() -> dict[str, _Rule]:
 _json_encode = msgspec.json.Encoder().encode
 # What the built-in rules find changes now and then (2: cards with "+" and
 # "%20" between groups, numbers in contexts, custom rules' \b, syslog's
-# escapes; 3: SSNs with "+" and "%20" between groups too). It is part of the fingerprint, so a collector does not take a
+# escapes; 3: SSNs with "+" and "%20" between groups too; 4: "%2B" and "%2D"
+# between groups, either case). It is part of the fingerprint, so a collector does not take a
 # batch from an agent whose rules of the same names found less as redacted
 # with its own: it redacts the batch again.
-RULES_VERSION = 3
+RULES_VERSION = 4
 _DIGIT_RUN = re.compile(rb"\d(?:[ +-]?\d)*")
-_DIGIT_RUN_ESCAPES = re.compile(rb"\d(?:(?:[ +-]|%20)?\d)*")  # for a run that "%20" continues
-_SSN_SHAPE = re.compile(r"\d{3}(?:[ +-]|%20)\d{2}(?:[ +-]|%20)\d{4}")
+_DIGIT_RUN_ESCAPES = re.compile(rb"\d(?:(?:[ +-]|" + _ESCAPED.encode() + rb")?\d)*")  # for a run an escape continues
+_SSN_SHAPE = re.compile(r"\d{3}(?:[ +-]|" + _ESCAPED + r")\d{2}(?:[ +-]|" + _ESCAPED + r")\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
 # Rules none of whose matches can start inside a run of digits (past its first
 # character): a dismissed run is then skipped whole.
@@ -703,7 +720,7 @@ class Redactor:
                 # would have matched from its own start, which is at or after
                 # ``pos`` (a line's start or the end of a run dismissed before).
                 run_end = digit_run(data, start).end()  # type: ignore[union-attr]
-                if data[run_end:run_end + 3] == b"%20":
+                if data[run_end:run_end + 1] == b"%":
                     run_end = _DIGIT_RUN_ESCAPES.match(data, start).end()  # type: ignore[union-attr]
                 # Digits of a percent escape ("%20", "%24") are not the number's (_OUTSIDE_ESCAPE).
                 lead = 0

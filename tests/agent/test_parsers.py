@@ -281,7 +281,8 @@ def test_java_stack_trace_in_start_mode_and_max_lines() -> None:
     assert joiner.due(5.0) and not joiner.due(0.5)
 
 
-@pytest.mark.parametrize("card", ["4111 1111 1111 1111", "4111+1111+1111+1111", "4111%201111%201111%201111"])
+@pytest.mark.parametrize("card", ["4111 1111 1111 1111", "4111+1111+1111+1111", "4111%201111%201111%201111",
+                                  "4111%2D1111%2D1111%2D1111", "4111%2b1111%2b1111%2b1111"])
 def test_a_message_cut_at_its_limit_never_keeps_half_a_card_number(card: str) -> None:
     from agent.config import RedactConfig, SourceConfig
     from agent.parsers import MAX_MESSAGE_BYTES, LineParser

@@ -44,11 +44,18 @@ def card_numbers(draw: st.DrawFn) -> str:
     prefix, length = draw(st.sampled_from(ISSUERS))
     body = draw(st.text("0123456789", min_size=length - len(prefix) - 1, max_size=length - len(prefix) - 1))
     number = luhn_complete(prefix + body)
-    style = draw(st.sampled_from(["plain", "spaces", "dashes", "plus", "percent"]))
+    style = draw(st.sampled_from(["plain", "spaces", "dashes", "plus", "percent", "escaped"]))
     if style == "plain":
         return number
-    sep = {"spaces": " ", "dashes": "-", "plus": "+", "percent": "%20"}[style]  # a space in a URL: "+", "%20"
+    # A space in a URL: "+", "%20"; an encoder that escapes all but letters and digits: "%2D", "%2B".
+    sep = {"spaces": " ", "dashes": "-", "plus": "+", "percent": "%20"}.get(style) \
+        or draw(st.sampled_from(["%2D", "%2d", "%2B", "%2b"]))
     return sep.join(number[i:i + 4] for i in range(0, len(number), 4))
+
+
+def _without_separators(text: str) -> str:
+    """``text`` without the separators a card's digit groups may have."""
+    return re.sub(r"[ +-]|%2[0BDbd]", "", text)
 
 
 @st.composite
@@ -56,7 +63,7 @@ def ssns(draw: st.DrawFn) -> str:
     area = draw(st.integers(1, 899).filter(lambda a: a != 666))
     group = draw(st.integers(1, 99))
     serial = draw(st.integers(1, 9999))
-    sep = draw(st.sampled_from(["-", " ", "+", "%20"]))  # as between a card's groups
+    sep = draw(st.sampled_from(["-", " ", "+", "%20", "%2D", "%2d", "%2B", "%2b"]))  # as between a card's groups
     return f"{area:03d}{sep}{group:02d}{sep}{serial:04d}"
 
 
@@ -75,8 +82,8 @@ def test_every_valid_card_number_in_any_text_is_redacted(redactor: Redactor, car
     assert card not in out
     # A card right after "Bearer" (or "token=", …) goes as that secret: secrets come first.
     assert "[REDACTED:credit_card]" in out or "[REDACTED:secrets]" in out
-    digits = card.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
-    assert digits[-8:] not in out.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
+    digits = _without_separators(card)
+    assert digits[-8:] not in _without_separators(out)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -469,6 +476,11 @@ def test_a_card_in_a_url_query_with_plus_for_spaces_is_redacted(redactor: Redact
     assert redactor.redact_text("q=%204111111111111111%20x") == "q=%20[REDACTED:credit_card]%20x"
     assert redactor.redact_text("ssn=%20123-45-6789") == "ssn=%20[REDACTED:ssn]"
     assert redactor.redact_text("/files/report%202026%2011%2030.pdf") == "/files/report%202026%2011%2030.pdf"
+    # Encoders that escape all but letters and digits write dashes and pluses "%2D" and "%2B" (either case).
+    assert redactor.redact_text("q=4111%2D1111%2D1111%2D1111&x=1") == "q=[REDACTED:credit_card]&x=1"
+    assert redactor.redact_text("q=4111%2b1111%2b1111%2b1111") == "q=[REDACTED:credit_card]"
+    assert redactor.redact_text("q=%2D4111111111111111%2D") == "q=%2D[REDACTED:credit_card]%2D"
+    assert redactor.redact_text("/d/2026%2D12%2D01%2D1234") == "/d/2026%2D12%2D01%2D1234"
     # No number starts on an escape's hex digits: "%2F4111…" is "/" and a card; "%24111…" is "$111…".
     assert redactor.redact_text("/pay%2F4111111111111111") == "/pay%2F[REDACTED:credit_card]"
     assert redactor.redact_text("x=%24111111111111111") == "x=%24111111111111111"
@@ -484,17 +496,21 @@ def test_an_ssn_in_a_url_or_a_form_body_is_redacted(redactor: Redactor) -> None:
     # The same separators as a card's groups: "+" and "%20" for a space; one kind throughout.
     assert redactor.redact_text("POST /apply ssn=123+45+6789&name=x") == "POST /apply ssn=[REDACTED:ssn]&name=x"
     assert redactor.redact_text("GET /find?q=123%2045%206789 HTTP/1.1") == "GET /find?q=[REDACTED:ssn] HTTP/1.1"
+    assert redactor.redact_text("q=123%2D45%2D6789&x") == "q=[REDACTED:ssn]&x"
+    assert redactor.redact_text("q=123%2d45%2D6789") == "q=[REDACTED:ssn]"  # one separator, its case aside
     # As with spaces, "100+20+3000" is one (a URL's "100 20 3000"); other shapes stay.
     for kept in ("123+45-6789", "123%2045 6789", "123+45+67890", "000+12+3456", "sum 100+20+300",
-                 "%2123+45+6789", "12+345+6789"):
+                 "%2123+45+6789", "12+345+6789", "123%2D45-6789", "123%2D45%2B6789"):
         assert redactor.redact_text(kept) == kept
     # Whole chunks: the lines holding one are hits, as read and as JSON.
     lines = [b'{"msg":"ssn=123+45+6789"}', b'{"msg":"q=123%2045%206789"}', b'{"msg":"sum 100+20+300"}',
-             b"GET /x?ssn=123+45+6789 HTTP/1.1", b'{"msg":"ssn 123\\u002b45\\u002b6789"}']
-    assert _hit_lines(redactor, lines) == {0, 1, 3, 4}
+             b"GET /x?ssn=123+45+6789 HTTP/1.1", b'{"msg":"ssn 123\\u002b45\\u002b6789"}',
+             b'{"msg":"q=123%2D45%2D6789"}', b"GET /x?c=4111%2D1111%2D1111%2D1111 HTTP/1.1"]
+    assert _hit_lines(redactor, lines) == {0, 1, 3, 4, 5, 6}
     hashed = Redactor(RedactConfig(modes={"ssn": "hash"}, hash_key="k" * 32))
     # One value, one token, however it was written.
-    assert len({hashed.redact_text(f"ssn {v}") for v in ("123-45-6789", "123+45+6789", "123%2045%206789")}) == 1
+    assert len({hashed.redact_text(f"ssn {v}")
+                for v in ("123-45-6789", "123+45+6789", "123%2045%206789", "123%2D45%2D6789")}) == 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -554,8 +570,8 @@ def _reference_luhn(digits: str) -> bool:
 
 
 def _reference_groups(run: str) -> list[tuple[int, int]]:
-    """The spans between a run's separators (space, dash, "+", "%20")."""
-    cuts = [m.span() for m in re.finditer(r"[ +-]|%20", run)]
+    """The spans between a run's separators (space, dash, "+", "%20", "%2B", "%2D")."""
+    cuts = [m.span() for m in re.finditer(r"[ +-]|%2[0BDbd]", run)]
     ends = [a for a, _ in cuts] + [len(run)]
     starts = [0] + [b for _, b in cuts]
     return list(zip(starts, ends, strict=True))
@@ -582,7 +598,7 @@ def _reference_card_windows(run: str) -> list[tuple[int, int]]:
 
 _digit = st.sampled_from("0123456789" * 6 + "٠١٢٣٤٥٦٧٨٩")
 _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_size=6).flatmap(
-    lambda groups: st.lists(st.sampled_from([" ", "-", "+", "%20"]), min_size=len(groups) - 1,
+    lambda groups: st.lists(st.sampled_from([" ", "-", "+", "%20", "%2D", "%2b"]), min_size=len(groups) - 1,
                             max_size=len(groups) - 1).map(
         lambda seps: groups[0] + "".join(s + g for s, g in zip(seps, groups[1:], strict=True))))
 
@@ -591,7 +607,7 @@ _digit_runs = st.lists(st.text(_digit, min_size=1, max_size=8), min_size=1, max_
 @given(run=st.one_of(_digit_runs, card_numbers(), st.builds(lambda a, b: f"{a} {b}", card_numbers(), _digit_runs)))
 def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) -> None:
     assert card_windows(run) == _reference_card_windows(run)
-    digits = run.replace("%20", "").replace(" ", "").replace("-", "").replace("+", "")
+    digits = _without_separators(run)
     assert luhn_valid(digits) == _reference_luhn(digits)
     assert is_card_number(digits) == (13 <= len(digits) <= 19 and card_issuer(digits) is not None
                                       and _reference_luhn(digits))
@@ -600,7 +616,8 @@ def test_card_windows_and_validators_agree_with_their_reference_forms(run: str) 
 _rule_texts = st.lists(st.one_of(card_numbers(), ssns(), _digit_runs, st.uuids().map(str),
                                  st.sampled_from([" ", "-", "+", "  ", "--", " -", "+-", " +", "++", "x", "é", "1",
                                                   "\n", UUID_CARD, "%20", "%2", "%", "%20%20", "%20 ", "%24",
-                                                  "%2F", "%a",
+                                                  "%2F", "%a", "%2D", "%2d", "%2B", "%2D%2D", "%2D-", "%2",
+                                                  "123%2D45%2D6789", "123%2d45%2D6789", "123%2D45-6789", "%2D123",
                                                   "123-45 6789", "1123-45-6789", "123-45-67890", "٤١١١",
                                                   "123+45+6789", "123%2045%206789", "123+45-6789", "%20123"])),
                        max_size=8).map("".join)
@@ -638,15 +655,16 @@ def _reference_apply(rule_name: str, text: str) -> tuple[str, int]:
     def ssn(m: re.Match[str]) -> str:
         nonlocal count
         before, area, sep1, group, sep2, serial, after = m.groups()
-        if before or after or sep1 != sep2 or not is_ssn(area, group, serial):
+        if before or after or sep1.upper() != sep2.upper() or not is_ssn(area, group, serial):
             return m.group()
         count += 1
         return "[REDACTED:ssn]"
 
     uuids = list(re.finditer(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", text))
     if rule_name == "credit_card":
-        return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])\d(?:(?:[ +-]|%20)?\d){12,}", card, text), count
-    return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])(\d?)(\d{3})([ +-]|%20)(\d{2})([ +-]|%20)(\d{4})(\d?)", ssn, text), count
+        return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])\d(?:(?:[ +-]|%2[0BDbd])?\d){12,}", card, text), count
+    return re.sub(r"(?<!%)(?<!%[0-9A-Fa-f])(\d?)(\d{3})([ +-]|%2[0BDbd])(\d{2})([ +-]|%2[0BDbd])(\d{4})(\d?)",
+                  ssn, text), count
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
