@@ -382,8 +382,13 @@ _fromisoformat = dt.datetime.fromisoformat
 _AGENT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(?:\d{3})?(?:Z|\+00:00)", re.ASCII)
 
 
-def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
-    """A storable row for a record, or the reason it is rejected."""
+_OPTIONAL_TEXT = ("user_id", "session_id", "request_id", "ip_address", "user_agent")
+
+
+def validate_record(record: Record, extra: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, Any] | None, str | None]:
+    """A storable row for a record, or the reason it is rejected. ``extra``:
+    more columns for the row (the row is built once, with them)."""
     stamp = _stored_time(record.timestamp)
     if stamp is None:
         return None, "timestamp: not a valid RFC 3339 time or Unix epoch seconds"
@@ -393,10 +398,12 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
         if level is None:
             return None, f"level: {record.level[:40]!r} is not one of DEBUG, INFO, WARN, ERROR, CRITICAL"
         level_name = level.name
-    if not record.source or len(record.source) > 256:
+    source = record.source
+    if not source or len(source) > 256:
         return None, "source: must be 1–256 characters"
+    message = record.message
     # At most 4 bytes a character: only long messages need encoding to be measured.
-    if len(record.message) * 4 > MAX_MESSAGE_BYTES and len(record.message.encode("utf-8")) > MAX_MESSAGE_BYTES:
+    if len(message) * 4 > MAX_MESSAGE_BYTES and len(message.encode("utf-8")) > MAX_MESSAGE_BYTES:
         return None, f"message: larger than the 10 KB limit ({MAX_MESSAGE_BYTES} bytes)"
     context = "{}"
     if record.context:
@@ -404,35 +411,48 @@ def validate_record(record: Record) -> tuple[dict[str, Any] | None, str | None]:
         if len(context_bytes) > MAX_CONTEXT_BYTES:
             return None, f"context: larger than the 50 KB limit ({MAX_CONTEXT_BYTES} bytes as JSON)"
         context = context_bytes.decode("utf-8")
-    for name in ("user_id", "session_id", "request_id", "ip_address", "user_agent"):
-        value = getattr(record, name)
-        if value is not None and len(value) > MAX_FIELD_CHARS:
-            return None, f"{name}: longer than {MAX_FIELD_CHARS} characters"
-    if record.error_stack is not None and len(record.error_stack) > MAX_ERROR_STACK_BYTES:
+    user_id, session_id, request_id = record.user_id, record.session_id, record.request_id
+    ip_address, user_agent = record.ip_address, record.user_agent
+    # One test for the usual case, where none of them is long.
+    if (user_id is not None and len(user_id) > MAX_FIELD_CHARS) \
+            or (session_id is not None and len(session_id) > MAX_FIELD_CHARS) \
+            or (request_id is not None and len(request_id) > MAX_FIELD_CHARS) \
+            or (ip_address is not None and len(ip_address) > MAX_FIELD_CHARS) \
+            or (user_agent is not None and len(user_agent) > MAX_FIELD_CHARS):
+        name = next(n for n in _OPTIONAL_TEXT if len(getattr(record, n) or "") > MAX_FIELD_CHARS)
+        return None, f"{name}: longer than {MAX_FIELD_CHARS} characters"
+    error_stack = record.error_stack
+    if error_stack is not None and len(error_stack) > MAX_ERROR_STACK_BYTES:
         return None, f"error_stack: larger than {MAX_ERROR_STACK_BYTES} bytes"
-    tags = record.tags or []
-    if len(tags) > MAX_TAGS or any(len(t) > 256 for t in tags):
+    tags = record.tags
+    if not tags:
+        tags = []
+    elif len(tags) > MAX_TAGS or max(map(len, tags)) > 256:
         return None, f"tags: at most {MAX_TAGS} tags of at most 256 characters"
-    if record.duration_ms is not None and not (0 <= record.duration_ms < 1e12):
+    duration_ms = record.duration_ms
+    if duration_ms is not None and not (0 <= duration_ms < 1e12):
         return None, "duration_ms: must be a non-negative number"
-    return {
+    row = {
         "timestamp": stamp,
         "level": level_name,
-        "source": record.source,
-        "message": record.message,
+        "source": source,
+        "message": message,
         "context": context,
-        "user_id": record.user_id,
-        "session_id": record.session_id,
-        "request_id": record.request_id,
-        "ip_address": record.ip_address,
-        "user_agent": record.user_agent,
-        "duration_ms": record.duration_ms,
-        "error_stack": record.error_stack,
+        "user_id": user_id,
+        "session_id": session_id,
+        "request_id": request_id,
+        "ip_address": ip_address,
+        "user_agent": user_agent,
+        "duration_ms": duration_ms,
+        "error_stack": error_stack,
         "tags": tags,
         "host": record.host or "",
         "file": record.file or "",
         "offset": record.offset or 0,
-    }, None
+    }
+    if extra:
+        row.update(extra)
+    return row, None
 
 
 SUPPORTED_ENCODINGS = ("", "identity", "zstd", "gzip", "x-gzip", "deflate")
@@ -498,41 +518,45 @@ def build_rows(batch: DecodedBatch, redactor: Redactor | None, retention: Retent
     """Rows to store and the rejected records (index and reason)."""
     rejected: list[dict[str, Any]] = [{"index": i, "error": e} for i, e in batch.errors]
     rows: list[dict[str, Any]] = []
+    append = rows.append
     now = now or dt.datetime.now(dt.UTC)
     newest = _ts(now + MAX_FUTURE)
-    oldest: dict[int, str] = {}
+    # Per source: its retention days and the oldest timestamp they keep.
+    by_source: dict[str, tuple[int, str]] = {}
     # Ids derived from (batch_id, index): a resent batch gets the same ids.
     id_prefix = str(uuid.uuid5(BATCH_NAMESPACE, batch.batch_id))[:24] if batch.batch_id else None
+    # The columns every row of the batch shares, set with the row's own.
+    shared = {"agent_id": batch.agent_id, "batch_id": batch.batch_id}
+    batch_host = batch.host
+    redact = redactor.redact_record if redactor is not None else None
     for index, record in batch.records:
-        if redactor is not None:
-            record = redactor.redact_record(record)
-        row, error = validate_record(record)
+        if redact is not None:
+            record = redact(record)
+        row, error = validate_record(record, shared)
         if row is None:
             rejected.append({"index": index, "error": error})
             continue
-        days = retention.days_for(row["source"])
+        source = row["source"]
+        kept = by_source.get(source)
+        if kept is None:
+            days = retention.days_for(source)
+            kept = by_source[source] = (days, _ts(now - dt.timedelta(days=days)))
+        days, cutoff = kept
+        stamp = row["timestamp"]
         # Rows past their retention would be dropped by the TTL at the next
         # merge: say so now instead of acknowledging data that then vanishes.
-        cutoff = oldest.get(days)
-        if cutoff is None:
-            cutoff = oldest[days] = _ts(now - dt.timedelta(days=days))
-        if row["timestamp"] < cutoff:
+        if stamp < cutoff:
             rejected.append({"index": index, "error": f"timestamp: older than the {days}-day retention of "
-                                                      f"source {row['source']!r}"})
+                                                      f"source {source!r}"})
             continue
-        if row["timestamp"] > newest:
+        if stamp > newest:
             rejected.append({"index": index, "error": "timestamp: more than a day in the future"})
             continue
-        if id_prefix is not None:
-            row["id"] = f"{id_prefix}{index:012x}"
-        else:
-            row["id"] = str(uuid.uuid4())
+        row["id"] = f"{id_prefix}{index:012x}" if id_prefix is not None else str(uuid.uuid4())
         if not row["host"]:
-            row["host"] = batch.host
-        row["agent_id"] = batch.agent_id
-        row["batch_id"] = batch.batch_id
+            row["host"] = batch_host
         row["retention_days"] = days
-        rows.append(row)
+        append(row)
     rejected.sort(key=lambda r: r["index"])
     return rows, rejected
 

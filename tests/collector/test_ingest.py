@@ -385,7 +385,9 @@ def test_the_fast_timestamp_path_agrees_with_the_general_parser() -> None:
         "2026-13-01T10:00:00.000Z", "2026-02-30T10:00:00.000Z", "1969-12-31T23:59:59.999Z",
         "2262-01-01T00:00:00.000Z", "2026-12-01T24:00:00.000Z", "2026-12-01T10:00:00.1a3Z",
         "2026-12-01T10:00:00.١٢٣Z", "２０26-12-01T10:00:00.000Z", "2026-12-01T10-00-00.000Z",
-        "2026-12-01T10:00+00.000Z", "+026-12-01T10:00:00.000Z", "2026-12-01t10:00:00.000Z"])))
+        "2026-12-01T10:00+00.000Z", "+026-12-01T10:00:00.000Z", "2026-12-01t10:00:00.000Z",
+        "2026-12-01T10:60:00.000Z", "2026-12-01T10:00:60.000Z", "2026-12-01T10:99:00.000Z",
+        "2026-12-01T10:59:59.999Z", "2026-12-01T23:59:59.999999+00:00"])))
     def agree(value: str) -> None:
         assert _stored_time(value) == general(value)
 
@@ -410,3 +412,34 @@ def test_a_batch_decodes_to_the_same_records_whole_or_one_record_at_a_time(kind:
     assert [r for i, r in split.records] == [r for i, r in whole.records if i != 2]
     if kind == "msgpack":
         assert (whole.lines_index, split.lines_index) == (5, 5)
+
+
+@pytest.mark.parametrize(("field", "good", "bad", "reason"), [
+    ("source", "s" * 256, "s" * 257, "source: must be 1–256 characters"),
+    ("source", "s", "", "source: must be 1–256 characters"),
+    *((name, "v" * 4096, "v" * 4097, f"{name}: longer than 4096 characters")
+      for name in ("user_id", "session_id", "request_id", "ip_address", "user_agent")),
+    ("error_stack", "e" * (256 * 1024), "e" * (256 * 1024 + 1), "error_stack: larger than 262144 bytes"),
+    ("tags", ["t"] * 64, ["t"] * 65, "tags: at most 64 tags of at most 256 characters"),
+    ("tags", ["t" * 256, "u"], ["u", "t" * 257], "tags: at most 64 tags of at most 256 characters"),
+    ("duration_ms", 0.0, -0.5, "duration_ms: must be a non-negative number"),
+    ("duration_ms", 1e12 - 1, 1e12, "duration_ms: must be a non-negative number"),
+])
+def test_each_field_limit_is_enforced_at_its_boundary(field: str, good: Any, bad: Any, reason: str) -> None:
+    from collector.ingest import validate_record
+
+    row, error = validate_record(rec(**{field: good}))
+    assert error is None and row is not None and row[field] == good
+    row, error = validate_record(rec(**{field: bad}))
+    assert row is None and error == reason
+
+
+def test_a_row_holds_every_column_and_the_extra_ones_given() -> None:
+    from collector.ingest import validate_record
+
+    row, _ = validate_record(rec("m", context={"k": 1}, tags=None, host=None, file=None, offset=None),
+                             {"agent_id": "a", "batch_id": "b"})
+    assert row is not None
+    assert row["context"] == '{"k":1}' and row["tags"] == [] and row["host"] == "" and row["file"] == ""
+    assert row["offset"] == 0 and row["agent_id"] == "a" and row["batch_id"] == "b"
+    assert row["timestamp"] == NOW.strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
