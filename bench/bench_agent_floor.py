@@ -19,6 +19,10 @@ CPU as a multiple of the loop's. The field notes' Fluent Bit took 1.37 / 0.92
 loop only counts them, and its description names no work this loop leaves
 out, so on this machine Fluent Bit would take at least 1.49 times this loop's
 CPU (if its C and this Python slow alike): the agent is compared with that.
+The bound is only as good as that reading of a one-line description: here
+this loop takes 1.5-1.9 times the prototype's 0.92 while google-re2 scans only
+1.1-1.4 times slower than on that machine, so either the prototype did less
+than this loop or this machine is slower at the rest (copies, page faults).
 
 It also times two scans the field notes give rates for on that machine
 (google-re2 and Python's re over lines without a match) and prints how much
