@@ -210,7 +210,7 @@ def _group_spans(run: str) -> list[tuple[int, int]]:
         return [m.span() for m in _DIGIT_GROUP.finditer(run)]
     spans = []
     pos = 0
-    for separator in _CARD_SEPARATOR.finditer(run):  # "%20" is one separator, its "2" no group
+    for separator in _CARD_SEPARATOR.finditer(run):  # an escape ("%20", "%2D") is one separator: no group
         spans.append((pos, separator.start()))
         pos = separator.end()
     spans.append((pos, len(run)))
