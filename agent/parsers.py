@@ -37,6 +37,7 @@ from agent.config import MultilineConfig, SourceConfig
 from agent.configfile import ByteSize
 from agent.multiline import MultilineJoiner
 from agent.re2direct import UNANCHORED as _UNANCHORED
+from agent.redact import ESCAPED_SEPARATOR
 from agent.wire import Level, Lines, LinesMultiline, parse_level, parse_timestamp
 from agent.wire import Record as Record
 
@@ -88,8 +89,9 @@ def _timestamp_ok(value: Any) -> bool:
 # Digits (and the separators between digit groups a card may have, see
 # agent.redact: space, dash, "+", and "%20", "%2B" or "%2D" in either case, or
 # part of one) at the end of a cut text.
-_TRAILING_DIGITS = re.compile(rb"\d(?:(?:[ +-]|%2[0BDbd])?\d)*(?:[ +-]|%2[0BDbd]|%2|%)?\Z")
-_ESCAPE_THEN_DIGIT = re.compile(rb"%2[0BDbd]\d")  # an escaped separator, then more of the run
+_ESCAPED = ESCAPED_SEPARATOR.encode()
+_TRAILING_DIGITS = re.compile(rb"\d(?:(?:[ +-]|" + _ESCAPED + rb")?\d)*(?:[ +-]|" + _ESCAPED + rb"|%2|%)?\Z")
+_ESCAPE_THEN_DIGIT = re.compile(_ESCAPED + rb"\d")  # an escaped separator, then more of the run
 
 
 def _head(raw: bytes, size: int) -> bytes:

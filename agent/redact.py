@@ -186,14 +186,14 @@ _HEX_OR_PERCENT = frozenset(b"%0123456789ABCDEFabcdef")
 # A separator written as a URL's percent escape, in either case: "%20" (a
 # space), "%2B" ("+") or "%2D" ("-"). Encoders that escape every byte but
 # letters and digits write a card's dashes and an SSN's so.
-_ESCAPED = r"%2[0BDbd]"
+ESCAPED_SEPARATOR = r"%2[0BDbd]"
 # What separates a card's digit groups: a space, a dash, a space in a URL
-# ("+" in a query), or one of those escaped (_ESCAPED).
-_CARD_SEPARATOR = re.compile(r"[ +-]|" + _ESCAPED)
+# ("+" in a query), or one of those escaped (ESCAPED_SEPARATOR).
+_CARD_SEPARATOR = re.compile(r"[ +-]|" + ESCAPED_SEPARATOR)
 
 
 def _is_escaped_separator(text: str) -> bool:
-    """Whether ``text`` is one escaped separator (_ESCAPED)."""
+    """Whether ``text`` is one escaped separator (ESCAPED_SEPARATOR)."""
     return len(text) == 3 and text[:2] == "%2" and text[2] in "0BDbd"
 
 
@@ -271,8 +271,8 @@ class _CardRule(_Rule):
     # card_windows: "qty 1 4111 1111 1111 1111" and a card followed by a year
     # keep their other numbers.
     def __init__(self) -> None:
-        super().__init__("credit_card", r"\d" + _NOT_IN_ESCAPE + r"(?:(?:[ +-]|" + _ESCAPED + r")?\d){12,}",
-                         r"\d(?:(?:[ +-]|" + _ESCAPED + r")?\d){12}", engine="re")
+        super().__init__("credit_card", r"\d" + _NOT_IN_ESCAPE + r"(?:(?:[ +-]|" + ESCAPED_SEPARATOR + r")?\d){12,}",
+                         r"\d(?:(?:[ +-]|" + ESCAPED_SEPARATOR + r")?\d){12}", engine="re")
 
     def apply(self, text: str, replace: _Replace, count: list[int]) -> str:
         # Digit groups of a UUID (8-4-4-4-12 hex) can pass every card check
@@ -356,8 +356,9 @@ class _SsnRule(_Rule):
         # captured so the callback can refuse the match.
         super().__init__(
             "ssn",
-            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([ +-]|" + _ESCAPED + r")(\d{2})([ +-]|" + _ESCAPED + r")(\d{4})(\d?)",
-            r"\d{3}(?:[ +-]|" + _ESCAPED + r")\d{2}(?:[ +-]|" + _ESCAPED + r")\d{4}",
+            _OUTSIDE_ESCAPE + r"(\d?)(\d{3})([ +-]|" + ESCAPED_SEPARATOR + r")(\d{2})([ +-]|"
+            + ESCAPED_SEPARATOR + r")(\d{4})(\d?)",
+            r"\d{3}(?:[ +-]|" + ESCAPED_SEPARATOR + r")\d{2}(?:[ +-]|" + ESCAPED_SEPARATOR + r")\d{4}",
             engine="re",
         )
 
@@ -397,12 +398,12 @@ class _SsnRule(_Rule):
 # Texts holding a "%" (percent escapes) have their own: a repeated group is
 # several times slower than a repeated character class.
 _CARD_STRETCH = (re.compile(r"[0-9][0-9 +-]{12,}"), re.compile(r"\d[\d +-]{12,}"))
-_CARD_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + _ESCAPED + r"){12,}"),
-                         re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + _ESCAPED + r"){12,}"))
-_DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|" + _ESCAPED + r"){2}")  # ends a card's run of digits
+_CARD_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + ESCAPED_SEPARATOR + r"){12,}"),
+                         re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + ESCAPED_SEPARATOR + r"){12,}"))
+_DOUBLE_SEPARATOR = re.compile(r"(?:[ +-]|" + ESCAPED_SEPARATOR + r"){2}")  # ends a card's run of digits
 _SSN_STRETCH = (re.compile(r"[0-9][0-9 +-]{10,}"), re.compile(r"\d[\d +-]{10,}"))
-_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + _ESCAPED + r"){10,}"),
-                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + _ESCAPED + r"){10,}"))
+_SSN_STRETCH_ESCAPES = (re.compile(r"[0-9]" + _NOT_IN_ESCAPE + r"(?:[0-9 +-]|" + ESCAPED_SEPARATOR + r"){10,}"),
+                        re.compile(r"\d" + _NOT_IN_ESCAPE + r"(?:[\d +-]|" + ESCAPED_SEPARATOR + r"){10,}"))
 
 
 class _ValueRule(_Rule):
@@ -512,8 +513,9 @@ _json_encode = msgspec.json.Encoder().encode
 # with its own: it redacts the batch again.
 RULES_VERSION = 4
 _DIGIT_RUN = re.compile(rb"\d(?:[ +-]?\d)*")
-_DIGIT_RUN_ESCAPES = re.compile(rb"\d(?:(?:[ +-]|" + _ESCAPED.encode() + rb")?\d)*")  # for a run an escape continues
-_SSN_SHAPE = re.compile(r"\d{3}(?:[ +-]|" + _ESCAPED + r")\d{2}(?:[ +-]|" + _ESCAPED + r")\d{4}")
+# For a run an escaped separator continues.
+_DIGIT_RUN_ESCAPES = re.compile(rb"\d(?:(?:[ +-]|" + ESCAPED_SEPARATOR.encode() + rb")?\d)*")
+_SSN_SHAPE = re.compile(r"\d{3}(?:[ +-]|" + ESCAPED_SEPARATOR + r")\d{2}(?:[ +-]|" + ESCAPED_SEPARATOR + r")\d{4}")
 _TEXT_FIELDS = ("message", "error_stack", "user_agent", "user_id", "session_id", "request_id")
 # Rules none of whose matches can start inside a run of digits (past its first
 # character): a dismissed run is then skipped whole.
